@@ -1,0 +1,46 @@
+"""Alembic environment for tunefleet's own tables (Optuna migrates its tables itself)."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import engine_from_config, pool
+
+from service.db import VERSION_TABLE
+from service.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def _include(obj, name, type_, reflected, compare_to):  # type: ignore[no-untyped-def]
+    # Autogenerate must only see our tf_ tables, never Optuna's.
+    return type_ != "table" or name.startswith("tf_")
+
+
+def run_migrations() -> None:
+    connection = config.attributes.get("connection")
+    if connection is None:
+        engine = engine_from_config(config.get_section(config.config_ini_section) or {}, prefix="sqlalchemy.",
+                                    poolclass=pool.NullPool)
+        with engine.connect() as conn:
+            _run(conn)
+            conn.commit()
+    else:
+        _run(connection)
+
+
+def _run(connection) -> None:  # type: ignore[no-untyped-def]
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        version_table=VERSION_TABLE,
+        include_object=_include,
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if context.is_offline_mode():
+    raise SystemExit("offline migrations are not supported; run `tunefleet db upgrade`")
+run_migrations()

@@ -1,0 +1,135 @@
+"""The FastAPI application, its lifespan (backend, reaper thread) and `run_server` for the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import __version__
+from service.api import metrics, studies, tokens, trials
+from service.backend import Backend
+from service.config import Settings, get_settings, is_loopback
+from service.db import check_database
+from service.errors import DatabaseNotReady, TunefleetError
+
+__all__ = ["create_app", "run_server"]
+
+log = logging.getLogger("tunefleet.server")
+
+
+class Reaper(threading.Thread):
+    """Fails and re-queues trials whose lease expired, every `reaper_interval_seconds`."""
+
+    def __init__(self, backend: Backend):
+        super().__init__(name="tunefleet-reaper", daemon=True)
+        self.backend = backend
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        from service.leases import reap_expired
+
+        while not self.stopped.wait(self.backend.settings.reaper_interval_seconds):
+            try:
+                n = reap_expired(self.backend)
+                if n:
+                    metrics.REAPED.inc(n)
+            except Exception:  # the reaper must outlive a database blip
+                log.exception("reaper pass failed; retrying in %ss", self.backend.settings.reaper_interval_seconds)
+
+
+def create_app(settings: Settings | None = None, *, auth_enabled: bool | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        backend = Backend(settings)
+        app.state.backend = backend
+        reaper = Reaper(backend)
+        reaper.start()
+        try:
+            yield
+        finally:
+            reaper.stopped.set()
+            reaper.join(timeout=10)
+            backend.close()
+
+    app = FastAPI(title="tunefleet", version=__version__, lifespan=lifespan,
+                  description="Hyperparameter optimisation for fine-tuning language models. See docs/api.md.")
+    app.state.auth_enabled = settings.auth_enabled() if auth_enabled is None else auth_enabled
+    for router in (studies.router, trials.router, tokens.router):
+        app.include_router(router)
+
+    @app.exception_handler(TunefleetError)
+    async def domain_error(_: Request, exc: TunefleetError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+    @app.middleware("http")
+    async def timing(request: Request, call_next):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.LATENCY.labels(request.method, getattr(route, "path", "unmatched")).observe(
+            time.perf_counter() - start)
+        return response
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz(request: Request) -> JSONResponse:
+        try:
+            check_database(request.app.state.backend.engine)
+        except DatabaseNotReady as exc:
+            return JSONResponse({"status": "not ready", "detail": exc.message}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", tags=["health"])
+    def prometheus() -> Response:
+        return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def run_server(host: str | None = None, port: int | None = None, migrate: bool = False) -> int:
+    """Check the configuration and the database, then serve; returns an exit code (never a traceback)."""
+    import uvicorn
+
+    settings = get_settings()
+    host, port = host or settings.host, port or settings.port
+    auth = settings.auth_enabled(host)
+    if not auth and not is_loopback(host):
+        log.error("refusing to serve on %s without auth: set TUNEFLEET_AUTH=true and create tokens with "
+                  "`tunefleet token create`, or bind 127.0.0.1", host)
+        return 2
+    from service.db import make_engine, upgrade_database
+
+    try:
+        if migrate:
+            upgrade_database(settings)
+        engine = make_engine(settings.resolved_database_url)
+        try:
+            check_database(engine)
+        finally:
+            engine.dispose()
+    except DatabaseNotReady as exc:
+        log.error("%s", exc.message)
+        return 1
+    log.info("tunefleet %s on http://%s:%s (database %s, auth %s)", __version__, host, port,
+             _safe_url(settings.resolved_database_url), "on" if auth else "off (loopback only)")
+    uvicorn.run(create_app(settings, auth_enabled=auth), host=host, port=port, log_level=settings.log_level)
+    return 0
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,40 @@
+"""Typed dependencies shared by the routers: the backend, and who is calling with which role."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.auth import ANONYMOUS_ADMIN, Principal, authenticate, require_role
+from service.backend import Backend
+
+__all__ = ["Admin", "BackendDep", "Reader", "UserOrAdmin", "WorkerOrAdmin"]
+
+
+def get_backend(request: Request) -> Backend:
+    return request.app.state.backend
+
+
+BackendDep = Annotated[Backend, Depends(get_backend)]
+
+
+def get_principal(request: Request, backend: BackendDep) -> Principal:
+    if not request.app.state.auth_enabled:
+        return ANONYMOUS_ADMIN
+    with backend.session() as session:
+        return authenticate(session, request.headers.get("authorization"))
+
+
+def _role(*roles: str):  # type: ignore[no-untyped-def]
+    def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+        require_role(principal, *roles)
+        return principal
+
+    return Depends(check)
+
+
+Reader = Annotated[Principal, _role("user", "worker")]
+UserOrAdmin = Annotated[Principal, _role("user")]
+WorkerOrAdmin = Annotated[Principal, _role("worker")]
+Admin = Annotated[Principal, _role("admin")]

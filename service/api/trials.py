@@ -1,0 +1,92 @@
+"""Trial routes: the worker protocol (heartbeat, reports, complete, fail, artifacts) and trial reads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from service import leases, studies
+from service.api import metrics
+from service.api.deps import BackendDep, Reader, WorkerOrAdmin
+from service.artifacts import artifact_path, clean_name, list_artifacts, record_artifact
+from service.errors import InvalidInput
+from service.schemas import ArtifactOut, CompleteIn, FailIn, HeartbeatIn, HeartbeatOut, LeaseIn, LeaseOut, ReportIn
+from service.schemas import ReportOut, TrialOut
+
+router = APIRouter(prefix="/api/v1", tags=["trials"])
+
+
+@router.post("/leases", response_model=LeaseOut, responses={204: {"description": "no study has work"}})
+def lease(backend: BackendDep, _: WorkerOrAdmin, body: LeaseIn) -> LeaseOut | Response:
+    leased = leases.lease(backend, body)
+    if leased is None:
+        return Response(status_code=204)
+    metrics.LEASES.inc()
+    return leased
+
+
+@router.get("/trials/{trial_id}", response_model=TrialOut)
+def get_trial(backend: BackendDep, _: Reader, trial_id: int) -> TrialOut:
+    return studies.get_trial(backend, trial_id)
+
+
+@router.post("/trials/{trial_id}/heartbeat", response_model=HeartbeatOut)
+def heartbeat(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: HeartbeatIn | None = None) -> HeartbeatOut:
+    return leases.heartbeat(backend, trial_id, body.worker_id if body else "")
+
+
+@router.post("/trials/{trial_id}/reports", response_model=ReportOut)
+def report(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: ReportIn) -> ReportOut:
+    prune = leases.report(backend, trial_id, body)
+    metrics.REPORTS.labels(prune=str(prune).lower()).inc()
+    return ReportOut(prune=prune)
+
+
+@router.post("/trials/{trial_id}/complete", response_model=TrialOut)
+def complete(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: CompleteIn) -> TrialOut:
+    trial = leases.complete(backend, trial_id, body)
+    metrics.FINISHED.labels(state="complete").inc()
+    return trial
+
+
+@router.post("/trials/{trial_id}/fail", response_model=TrialOut)
+def fail(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: FailIn) -> TrialOut:
+    trial = leases.fail(backend, trial_id, body)
+    metrics.FINISHED.labels(state="fail").inc()
+    return trial
+
+
+@router.put("/trials/{trial_id}/artifacts/{name:path}", response_model=ArtifactOut)
+async def put_artifact(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, name: str,
+                       request: Request) -> ArtifactOut:
+    """Upload one file (streamed to disk, then renamed into place); the same name again replaces it."""
+    clean_name(name)
+    limit = backend.settings.max_artifact_mb * 2**20
+    fd, tmp = backend.artifacts.incoming()
+    digest, size = hashlib.sha256(), 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise InvalidInput(f"artifact {name!r} is over {backend.settings.max_artifact_mb} MB: "
+                                       "raise TUNEFLEET_MAX_ARTIFACT_MB")
+                digest.update(chunk)
+                fh.write(chunk)
+        return await run_in_threadpool(record_artifact, backend, trial_id, name, tmp, digest.hexdigest(), size)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@router.get("/trials/{trial_id}/artifacts", response_model=list[ArtifactOut])
+def get_artifacts(backend: BackendDep, _: Reader, trial_id: int) -> list[ArtifactOut]:
+    return list_artifacts(backend, trial_id)
+
+
+@router.get("/trials/{trial_id}/artifacts/{name:path}")
+def download_artifact(backend: BackendDep, _: Reader, trial_id: int, name: str) -> FileResponse:
+    return FileResponse(artifact_path(backend, trial_id, name), media_type="application/octet-stream")

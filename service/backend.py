@@ -1,0 +1,120 @@
+"""What every request needs, built once per server process: settings, sessions, the Optuna storage,
+one Optuna ``Study`` per active study, and the locks that serialise work per study and per trial.
+
+Optuna's ``_CachedStorage`` keeps finished trials in memory, so one storage object and one ``Study``
+per study for the life of the process means a request never reloads a study's trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import optuna
+import sqlalchemy as sa
+from optuna.distributions import BaseDistribution
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.artifacts import ArtifactStore
+from service.config import Settings
+from service.db import engine_kwargs, make_engine, transaction
+from service.errors import NotFound
+from service.models import Study as StudyRow
+from service.search import build_pruner, build_sampler, distributions
+from service.spec import StudySpec
+
+__all__ = ["Backend", "StudyRuntime"]
+
+log = logging.getLogger(__name__)
+_ADVISORY_NAMESPACE = 0x7466  # "tf": first key of pg_advisory_lock(int, int)
+_TRIAL_LOCK_STRIPES = 256
+# GPSampler changes process-wide torch thread settings while it optimises: one GP ask at a time.
+_GP_LOCK = threading.Lock()
+
+
+@dataclass
+class StudyRuntime:
+    """An active study's Optuna objects; ``lock`` serialises ``ask`` for it inside this process."""
+
+    id: int
+    name: str
+    spec: StudySpec
+    study: optuna.Study
+    distributions: dict[str, BaseDistribution]
+    rungs: list[int]
+    lock: threading.Lock
+
+
+class Backend:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.url = settings.resolved_database_url
+        self.engine = make_engine(self.url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.is_postgres = self.engine.dialect.name == "postgresql"
+        self.rdb = optuna.storages.RDBStorage(self.url, engine_kwargs=engine_kwargs(self.url),
+                                              skip_table_creation=True, skip_compatibility_check=True)
+        self.storage = optuna.storages.get_storage(self.rdb)  # the cached wrapper
+        self.artifacts = ArtifactStore(settings.resolved_artifact_dir)
+        self._runtimes: dict[int, StudyRuntime] = {}
+        self._runtimes_lock = threading.Lock()
+        self._trial_locks = [threading.Lock() for _ in range(_TRIAL_LOCK_STRIPES)]
+
+    def session(self) -> contextlib.AbstractContextManager[Session]:
+        return transaction(self.sessions)
+
+    def runtime(self, study_id: int) -> StudyRuntime:
+        """The study's Optuna objects, loaded once; raises NotFound."""
+        runtime = self._runtimes.get(study_id)
+        if runtime is not None:
+            return runtime
+        with self._runtimes_lock:
+            runtime = self._runtimes.get(study_id)
+            if runtime is None:
+                with self.session() as session:
+                    row = session.get(StudyRow, study_id)
+                    if row is None:
+                        raise NotFound(f"study {study_id} does not exist: `tunefleet study ls` lists studies")
+                    name, raw_spec = row.name, row.spec
+                runtime = self._load(study_id, name, StudySpec.model_validate(raw_spec))
+                self._runtimes[study_id] = runtime
+        return runtime
+
+    def _load(self, study_id: int, name: str, spec: StudySpec) -> StudyRuntime:
+        study = optuna.load_study(study_name=name, storage=self.storage, sampler=build_sampler(spec),
+                                  pruner=build_pruner(spec))
+        return StudyRuntime(study_id, name, spec, study, distributions(spec), spec.rungs(), threading.Lock())
+
+    def forget(self, study_id: int) -> None:
+        with self._runtimes_lock:
+            self._runtimes.pop(study_id, None)
+
+    @contextlib.contextmanager
+    def ask_lock(self, runtime: StudyRuntime) -> Iterator[None]:
+        """Serialise `ask` for one study: a thread lock here, plus an advisory lock across server replicas
+        on PostgreSQL, so two replicas never hand out the same trial or interleave sampler state."""
+        gp = runtime.spec.search.sampler == "gp"
+        with runtime.lock, (_GP_LOCK if gp else contextlib.nullcontext()):
+            if not self.is_postgres:
+                yield
+                return
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT pg_advisory_lock(:ns, :id)"), {"ns": _ADVISORY_NAMESPACE, "id": runtime.id})
+                try:
+                    yield
+                finally:
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:ns, :id)"),
+                                 {"ns": _ADVISORY_NAMESPACE, "id": runtime.id})
+                    conn.commit()
+
+    def trial_lock(self, trial_id: int) -> threading.Lock:
+        """A process-local lock for state changes of one trial (rows are also locked FOR UPDATE on PostgreSQL)."""
+        return self._trial_locks[trial_id % _TRIAL_LOCK_STRIPES]
+
+    def close(self) -> None:
+        self.rdb.remove_session()
+        self.rdb.engine.dispose()
+        self.engine.dispose()

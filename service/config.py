@@ -1,0 +1,71 @@
+"""Every setting of the server, CLI and workers, in one pydantic-settings class.
+
+Each field can be set from the environment with the ``TUNEFLEET_`` prefix (``TUNEFLEET_DATABASE_URL``)
+or from a ``.env`` file. Nothing else in tunefleet reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings", "is_loopback"]
+
+DEFAULT_HOME = Path(".tunefleet")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEFLEET_", env_file=".env", extra="ignore")
+
+    home: Path = Field(DEFAULT_HOME, description="folder for the embedded database and artifacts")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL; unset means the embedded SQLite file <home>/tunefleet.db. "
+        "Production: postgresql+psycopg2://user:password@host:5432/tunefleet",
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    auth: bool | None = Field(
+        None, description="require bearer tokens; unset means on unless the server binds a loopback address"
+    )
+    lease_seconds: float = Field(120.0, gt=0, description="a lease's length; each heartbeat extends it")
+    heartbeat_grace_seconds: float = Field(30.0, ge=0, description="slack after a deadline before the reaper acts")
+    reaper_interval_seconds: float = Field(5.0, gt=0)
+    artifact_dir: Path | None = Field(None, description="artifact store folder; unset means <home>/artifacts")
+    max_artifact_mb: int = Field(2048, gt=0)
+    server_url: str = Field("http://127.0.0.1:8000", description="where the CLI and workers find the server")
+    token: str | None = Field(None, description="bearer token the CLI and workers send")
+    log_level: str = "info"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'tunefleet.db').resolve()}"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.home / "artifacts").resolve()
+
+    def auth_enabled(self, host: str | None = None) -> bool:
+        if self.auth is not None:
+            return self.auth
+        return not is_loopback(host or self.host)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,142 @@
+"""Engine, sessions, the one transaction helper, and the schema check / upgrade.
+
+Our tables are migrated by alembic from ``migrations/`` (version table ``tf_alembic_version``);
+Optuna's tables are created and upgraded by Optuna itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import Settings
+from service.errors import DatabaseNotReady
+
+__all__ = [
+    "VERSION_TABLE",
+    "check_database",
+    "engine_kwargs",
+    "make_engine",
+    "transaction",
+    "upgrade_database",
+]
+
+log = logging.getLogger(__name__)
+VERSION_TABLE = "tf_alembic_version"
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def engine_kwargs(url: str) -> dict:
+    """Pool settings shared by our engine and Optuna's RDBStorage."""
+    if url.startswith("sqlite"):
+        return {"connect_args": {"check_same_thread": False, "timeout": 60}}
+    return {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20, "pool_recycle": 1800}
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, **engine_kwargs(url))
+    if url.startswith("sqlite"):
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    # WAL lets optuna-dashboard and the CLI read while the server writes.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.close()
+
+
+@contextlib.contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """Commit on success, roll back on any error; a lost database becomes DatabaseNotReady (503)."""
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except OperationalError as exc:
+        session.rollback()
+        raise DatabaseNotReady(f"the database did not answer: {exc.orig}") from exc
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def _alembic_config(url: str):  # type: ignore[no-untyped-def]
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def head_revision(url: str) -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config(url)).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+
+
+def check_database(engine: Engine) -> None:
+    """Raise DatabaseNotReady with the fix when the database is unreachable or not at the latest schema."""
+    url = engine.url.render_as_string(hide_password=True)
+    try:
+        current = current_revision(engine)
+        has_optuna = sa.inspect(engine).has_table("version_info")
+    except OperationalError as exc:
+        raise DatabaseNotReady(f"cannot reach the database {url}: {exc.orig}".strip()) from exc
+    head = head_revision(str(engine.url))
+    if current is None or not has_optuna:
+        raise DatabaseNotReady(f"the database {url} has no tunefleet schema yet: run `tunefleet db upgrade`")
+    if current != head:
+        raise DatabaseNotReady(
+            f"the database {url} is at schema revision {current}, this tunefleet needs {head}: "
+            "run `tunefleet db upgrade`"
+        )
+
+
+def upgrade_database(settings: Settings) -> str:
+    """Create or upgrade our tables and Optuna's; returns the schema revision now in place."""
+    import optuna
+    from alembic import command
+
+    url = settings.resolved_database_url
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            cfg = _alembic_config(url)
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), skip_compatibility_check=True)
+        if storage.get_current_version() != storage.get_head_version():
+            storage.upgrade()
+        storage.remove_session()
+        storage.engine.dispose()
+        return current_revision(engine) or ""
+    except OperationalError as exc:
+        raise DatabaseNotReady(f"cannot reach the database: {exc.orig}".strip()) from exc
+    finally:
+        engine.dispose()

@@ -1,0 +1,257 @@
+"""The worker protocol: lease a trial, heartbeat, report (prune or continue), complete, fail; and the reaper.
+
+Every call a worker makes is idempotent: a retried report returns the stored answer, a retried complete or
+fail returns the trial as it is. State changes of one trial hold its lock (a process lock, and the lease row
+FOR UPDATE on PostgreSQL), so a report racing a reaper or a duplicate never changes a trial twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import optuna
+import sqlalchemy as sa
+from optuna.trial import TrialState
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.backend import Backend, StudyRuntime
+from service.errors import InvalidInput, LeaseLost, NotFound
+from service.models import Lease, Report, Worker, utcnow
+from service.models import Study as StudyRow
+from service.schemas import CompleteIn, FailIn, HeartbeatOut, LeaseIn, LeaseOut, ReportIn, TrialOut
+from service.studies import aware, get_trial, lease_deadline, maybe_complete, usage
+
+__all__ = ["complete", "fail", "heartbeat", "lease", "reap_expired", "report"]
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# ---- lease -----------------------------------------------------------------------------------------------
+
+def lease(backend: Backend, body: LeaseIn) -> LeaseOut | None:
+    """Hand the worker a trial of the running study that has the fewest trials in flight; None when no study
+    has work. A repeated ``request_id`` returns the lease it created."""
+    with backend.session() as session:
+        if body.request_id:
+            existing = session.scalar(sa.select(Lease).where(Lease.request_id == body.request_id))
+            if existing is not None:
+                return _lease_out(backend, existing)
+        _touch_worker(session, body)
+        in_flight = (sa.select(sa.func.count()).where(Lease.study_id == StudyRow.id, Lease.state == "active")
+                     .scalar_subquery())
+        candidates = session.scalars(
+            sa.select(StudyRow.id).where(StudyRow.state == "running")
+            .order_by(in_flight, StudyRow.last_leased_at.asc().nulls_first(), StudyRow.id)
+        ).all()
+    for study_id in candidates:
+        try:
+            runtime = backend.runtime(study_id)
+        except NotFound:
+            continue  # deleted meanwhile
+        leased = _lease_from(backend, runtime, body)
+        if leased is not None:
+            return leased
+    return None
+
+
+def _touch_worker(session: Session, body: LeaseIn) -> None:
+    worker = session.get(Worker, body.worker_id)
+    if worker is None:
+        session.add(Worker(id=body.worker_id, hostname=body.hostname, device=body.device))
+    else:
+        worker.last_seen, worker.hostname, worker.device = utcnow(), body.hostname, body.device
+
+
+def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn) -> LeaseOut | None:
+    with backend.ask_lock(runtime):
+        with backend.session() as session:
+            row = session.get(StudyRow, runtime.id)
+            if row is None or row.state != "running":
+                return None
+            if not usage(session, runtime).has_room(runtime.spec):
+                maybe_complete(backend, session, runtime)
+                return None
+        trial = runtime.study.ask(runtime.distributions)
+        try:
+            with backend.session() as session:
+                attrs = trial.user_attrs
+                record = Lease(trial_id=trial._trial_id, study_id=runtime.id, worker_id=body.worker_id,
+                               request_id=body.request_id, attempt=int(attrs.get("attempt", 0)),
+                               retry_of=attrs.get("retry_of"), state="active", deadline=lease_deadline(backend))
+                session.add(record)
+                session.execute(sa.update(StudyRow).where(StudyRow.id == runtime.id).values(last_leased_at=utcnow()))
+                session.execute(sa.update(Worker).where(Worker.id == body.worker_id)
+                                .values(trials_leased=Worker.trials_leased + 1))
+        except BaseException as exc:
+            # Never leave a RUNNING trial without a lease: nothing would ever reap it.
+            runtime.study.tell(trial, state=TrialState.FAIL)
+            if isinstance(exc, IntegrityError) and body.request_id:
+                return lease(backend, body)  # a concurrent retry of this request won: return its lease
+            raise
+    log.info("trial %s (study %s #%s) leased to %s: %s", trial._trial_id, runtime.name, trial.number,
+             body.worker_id, trial.params)
+    return _lease_out(backend, record)
+
+
+def _lease_out(backend: Backend, record: Lease) -> LeaseOut:
+    runtime = backend.runtime(record.study_id)
+    t = backend.storage.get_trial(record.trial_id)
+    return LeaseOut(
+        trial_id=record.trial_id, study_id=runtime.id, study_name=runtime.name, number=t.number,
+        attempt=record.attempt, params=t.params, spec=runtime.spec.model_dump(mode="json"), rungs=runtime.rungs,
+        is_baseline=bool(t.user_attrs.get("is_baseline")), deadline=record.deadline,
+        lease_seconds=backend.settings.lease_seconds, heartbeat_interval=max(1.0, backend.settings.lease_seconds / 6),
+    )
+
+
+# ---- per-trial calls -------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _locked_lease(backend: Backend, trial_id: int) -> Iterator[tuple[Session, Lease, StudyRuntime]]:
+    with backend.trial_lock(trial_id), backend.session() as session:
+        record = session.get(Lease, trial_id, with_for_update=backend.is_postgres)
+        if record is None:
+            raise NotFound(f"trial {trial_id} has no lease: lease trials with POST /api/v1/leases")
+        yield session, record, backend.runtime(record.study_id)
+
+
+def heartbeat(backend: Backend, trial_id: int, worker_id: str = "") -> HeartbeatOut:
+    """Extend the lease; answer stop=True when the worker should give the trial up."""
+    with _locked_lease(backend, trial_id) as (session, record, _):
+        if record.state != "active":
+            return HeartbeatOut(stop=True, reason=f"trial {trial_id} is {record.state}")
+        study = session.get(StudyRow, record.study_id)
+        if study is None or study.state == "stopped":
+            return HeartbeatOut(stop=True, reason=f"study {record.study_id} was stopped")
+        record.deadline = lease_deadline(backend)
+        if worker_id:
+            session.execute(sa.update(Worker).where(Worker.id == worker_id).values(last_seen=utcnow()))
+        return HeartbeatOut(stop=False, deadline=record.deadline)
+
+
+def report(backend: Backend, trial_id: int, body: ReportIn) -> bool:
+    """Record an intermediate value and return the pruner's answer (the stored one on a retry)."""
+    if not math.isfinite(body.value):
+        raise InvalidInput(f"report value {body.value} is not finite: fail the trial instead "
+                           "(POST /trials/{id}/fail with the reason)")
+    with _locked_lease(backend, trial_id) as (session, record, runtime):
+        stored = session.get(Report, (trial_id, body.step))
+        if stored is not None:
+            return stored.prune
+        if record.state == "pruned":
+            return True
+        if record.state != "active":
+            raise LeaseLost(f"trial {trial_id} is {record.state}; its reports are closed: lease a new trial")
+        prune = False
+        if not runtime.spec.multi_objective:
+            trial = optuna.Trial(runtime.study, trial_id)  # a fresh snapshot per request, never cached
+            trial.report(body.value, body.step)
+            prune = trial.should_prune()
+        session.add(Report(trial_id=trial_id, step=body.step, value=body.value, metrics=body.metrics, prune=prune))
+        record.deadline = lease_deadline(backend)  # any call from the worker shows it is alive
+        if prune:
+            runtime.study.tell(trial.number, state=TrialState.PRUNED)
+            record.state, record.finished_at = "pruned", utcnow()
+            log.info("trial %s pruned at %s%% (value %.4g)", trial_id, body.step, body.value)
+        session.flush()
+        if prune:
+            maybe_complete(backend, session, runtime)
+    return prune
+
+
+def complete(backend: Backend, trial_id: int, body: CompleteIn) -> TrialOut:
+    """Tell Optuna the trial's final value(s) with its metrics; a repeat returns the trial unchanged."""
+    with _locked_lease(backend, trial_id) as (session, record, runtime):
+        t = backend.storage.get_trial(trial_id)
+        if record.state == "active" and t.state == TrialState.COMPLETE:
+            record.state = "complete"  # told before a crash, recorded now
+        if record.state == "complete":
+            return get_trial(backend, trial_id)
+        if record.state != "active":
+            raise LeaseLost(f"trial {trial_id} is {record.state}{_reason(record)}; the result was not recorded")
+        values = _values(runtime, body)
+        for key, value in (("validation_metrics", body.validation_metrics), ("test_metrics", body.test_metrics),
+                           ("extra", body.extra)):
+            backend.storage.set_trial_user_attr(trial_id, key, value)
+        runtime.study.tell(t.number, values)
+        record.state, record.finished_at = "complete", utcnow()
+        session.flush()
+        maybe_complete(backend, session, runtime)
+        log.info("trial %s complete: %s", trial_id, values)
+    return get_trial(backend, trial_id)
+
+
+def _values(runtime: StudyRuntime, body: CompleteIn) -> list[float]:
+    values = body.values if body.values is not None else ([body.value] if body.value is not None else None)
+    n = len(runtime.spec.objectives)
+    if values is None or len(values) != n:
+        raise InvalidInput(f"complete needs {n} objective value(s) ({', '.join(o.metric for o in runtime.spec.objectives)})"
+                           f": send {'value' if n == 1 else 'values'}")
+    if not all(math.isfinite(v) for v in values):
+        raise InvalidInput(f"objective values {values} are not finite: fail the trial instead")
+    return values
+
+
+def _reason(record: Lease) -> str:
+    return f" ({record.fail_reason})" if record.fail_reason else ""
+
+
+def fail(backend: Backend, trial_id: int, body: FailIn) -> TrialOut:
+    """Tell Optuna the trial failed; re-queue its parameters when retryable and attempts are left."""
+    with _locked_lease(backend, trial_id) as (session, record, runtime):
+        if record.state == "active":
+            _fail_and_maybe_requeue(backend, session, record, runtime, body.reason, body.retryable, "failed")
+    return get_trial(backend, trial_id)
+
+
+def _fail_and_maybe_requeue(backend: Backend, session: Session, record: Lease, runtime: StudyRuntime,
+                            reason: str, retryable: bool, new_state: str) -> None:
+    t = backend.storage.get_trial(record.trial_id)
+    if not t.state.is_finished():
+        backend.storage.set_trial_user_attr(record.trial_id, "fail_reason", reason)
+        runtime.study.tell(t.number, state=TrialState.FAIL)
+    record.state, record.finished_at, record.fail_reason = new_state, utcnow(), reason
+    study = session.get(StudyRow, record.study_id)
+    if retryable and record.attempt < runtime.spec.search.max_retries and study and study.state in ("running", "paused"):
+        attrs: dict[str, Any] = {"attempt": record.attempt + 1, "retry_of": record.trial_id}
+        if t.user_attrs.get("is_baseline"):
+            attrs["is_baseline"] = True
+        runtime.study.enqueue_trial(t.params, user_attrs=attrs)
+        record.requeued = True
+        log.warning("trial %s %s (%s); parameters re-queued, attempt %s of %s", record.trial_id, new_state, reason,
+                    record.attempt + 1, runtime.spec.search.max_retries)
+    else:
+        log.warning("trial %s %s: %s", record.trial_id, new_state, reason)
+    session.flush()
+    maybe_complete(backend, session, runtime)
+
+
+# ---- reaper ----------------------------------------------------------------------------------------------
+
+def reap_expired(backend: Backend) -> int:
+    """Fail trials whose lease ran out (plus the grace period) and re-queue them; returns how many."""
+    cutoff = utcnow()
+    with backend.session() as session:
+        rows = session.execute(sa.select(Lease.trial_id, Lease.deadline).where(Lease.state == "active")).all()
+    grace = backend.settings.heartbeat_grace_seconds
+    expired = [tid for tid, deadline in rows if (cutoff - aware(deadline)).total_seconds() > grace]
+    reaped = 0
+    for trial_id in expired:
+        try:
+            with _locked_lease(backend, trial_id) as (session, record, runtime):
+                late = (utcnow() - aware(record.deadline)).total_seconds()
+                if record.state != "active" or late <= grace:
+                    continue  # finished or heartbeated meanwhile
+                reason = (f"lease expired: worker {record.worker_id} sent no heartbeat for {late:.0f} s "
+                          "after its deadline")
+                _fail_and_maybe_requeue(backend, session, record, runtime, reason, True, "expired")
+                reaped += 1
+        except NotFound:
+            continue
+    return reaped

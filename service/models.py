@@ -1,0 +1,109 @@
+"""tunefleet's own tables. Optuna's tables (studies, trials, ...) are Optuna's and untouched here.
+
+Every table is prefixed ``tf_`` so it never collides with Optuna's names, and alembic records our
+revision in ``tf_alembic_version`` (Optuna's own alembic uses ``alembic_version``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = ["Artifact", "Base", "Lease", "Report", "Study", "Token", "Worker", "utcnow"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Study(Base):
+    """A tunefleet study; ``id`` equals Optuna's ``study_id`` of the study with the same name."""
+
+    __tablename__ = "tf_studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # exactly as submitted
+    state: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    baseline_trial_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    last_leased_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class Lease(Base):
+    """One attempt of one trial by one worker. ``trial_id`` is Optuna's trial id."""
+
+    __tablename__ = "tf_leases"
+
+    trial_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    study_id: Mapped[int] = mapped_column(ForeignKey("tf_studies.id", ondelete="CASCADE"), index=True)
+    worker_id: Mapped[str] = mapped_column(String(200))
+    request_id: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    retry_of: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # active | complete | pruned | failed | expired
+    state: Mapped[str] = mapped_column(String(16), default="active", index=True)
+    requeued: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deadline: Mapped[datetime] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    fail_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Report(Base):
+    """One intermediate evaluation, and the pruner's answer to it, so a retried report gets the same answer."""
+
+    __tablename__ = "tf_reports"
+
+    trial_id: Mapped[int] = mapped_column(ForeignKey("tf_leases.trial_id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    value: Mapped[float] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    prune: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Worker(Base):
+    __tablename__ = "tf_workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(200), default="")
+    device: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    first_seen: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+    trials_leased: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Token(Base):
+    """An API token; only the SHA-256 of the secret is stored."""
+
+    __tablename__ = "tf_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class Artifact(Base):
+    __tablename__ = "tf_artifacts"
+    __table_args__ = (UniqueConstraint("trial_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("tf_leases.trial_id", ondelete="CASCADE"), index=True)
+    study_id: Mapped[int] = mapped_column(Integer, index=True)
+    name: Mapped[str] = mapped_column(String(500))
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,361 @@
+"""The study spec: what a user submits, validated once, stored unchanged with the study.
+
+A spec is YAML or JSON. `StudySpec.model_validate(data)` raises `pydantic.ValidationError`; the API
+turns every error into a 422 entry naming its field path and the fix. This module imports no torch:
+the server validates specs, the workers interpret them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "TASK_METRICS",
+    "TRAINING_PARAMS",
+    "BudgetSpec",
+    "CategoricalParam",
+    "DataSpec",
+    "FloatParam",
+    "IntParam",
+    "ObjectiveSpec",
+    "SearchSpec",
+    "SpecError",
+    "StudySpec",
+    "validate_spec",
+    "parse_spec_text",
+]
+
+# Metrics each task's evaluation produces; an objective must name one of them.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "sequence-classification": ("accuracy", "precision_macro", "recall_macro", "f1_macro", "loss"),
+    "token-classification": ("entity_f1", "entity_precision", "entity_recall", "token_accuracy", "loss"),
+    "causal-lm": ("exact_match", "attribute_f1", "attribute_precision", "attribute_recall", "loss"),
+}
+
+# Training parameters a worker understands, searchable or fixed, with the kinds of value they take.
+# "str" parameters are categorical-only.
+TRAINING_PARAMS: dict[str, str] = {
+    "method": "str",  # lora | ia3 | partial | full
+    "learning_rate": "float",
+    "weight_decay": "float",
+    "warmup_ratio": "float",
+    "lr_scheduler": "str",  # linear | cosine | constant | constant_with_warmup | ...
+    "optimizer": "str",  # adamw_torch | adafactor | sgd | ...
+    "adam_beta2": "float",
+    "max_grad_norm": "float",
+    "per_device_batch_size": "int",
+    "gradient_accumulation_steps": "int",
+    "num_epochs": "float",
+    "max_steps": "int",
+    "max_seq_length": "int",
+    "train_size": "int",  # training examples used (data-efficiency curves)
+    "lora_r": "int",
+    "lora_alpha": "float",
+    "lora_dropout": "float",
+    "lora_target_modules": "str",  # comma-separated module names, or "all-linear"
+    "partial_top_k": "int",  # partial fine-tuning: train only the top k transformer layers
+    "label_smoothing": "float",
+    "precision": "str",  # auto | fp32 | bf16 | fp16
+    "eval_batch_size": "int",
+    "seed": "int",
+}
+
+SAMPLERS = ("tpe", "gp", "random", "grid", "cmaes", "nsga2")
+PRUNERS = ("hyperband", "successive_halving", "median", "none")
+MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "random", "tpe", "grid")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FloatParam(_Strict):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _check_range(self) -> FloatParam:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError("low and high must be finite numbers")
+        if self.low >= self.high:
+            raise ValueError(f"empty or inverted range: low={self.low} >= high={self.high}; make low < high")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range must be above zero (low={self.low}); use low > 0 or log: false")
+        if self.log and self.step is not None:
+            raise ValueError("step and log cannot both be set; drop one")
+        if self.step is not None and self.step <= 0:
+            raise ValueError("step must be > 0")
+        return self
+
+
+class IntParam(_Strict):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+
+    @model_validator(mode="after")
+    def _check_range(self) -> IntParam:
+        if self.low >= self.high:
+            raise ValueError(f"empty or inverted range: low={self.low} >= high={self.high}; make low < high")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range must be above zero (low={self.low}); use low >= 1 or log: false")
+        if self.log and self.step != 1:
+            raise ValueError("step must be 1 with log: true")
+        if self.step <= 0:
+            raise ValueError("step must be >= 1")
+        return self
+
+
+class CategoricalParam(_Strict):
+    type: Literal["categorical"]
+    choices: list[str | int | float | bool | None] = Field(min_length=1)
+
+    @field_validator("choices")
+    @classmethod
+    def _unique(cls, choices: list[Any]) -> list[Any]:
+        if len({repr(c) for c in choices}) != len(choices):
+            raise ValueError("choices must be unique")
+        return choices
+
+
+Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+class ObjectiveSpec(_Strict):
+    metric: str
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+class DataSpec(_Strict):
+    """Where the examples come from: local files (jsonl, csv, parquet) or a hub data set id."""
+
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    dataset: str | None = None  # hub id for `datasets.load_dataset`
+    dataset_config: str | None = None
+    train_split: str = "train"
+    validation_split: str | None = "validation"
+    test_split: str | None = "test"
+    text: str = "text"
+    text_pair: str | None = None
+    label: str = "label"
+    tokens: str = "tokens"  # token-classification: list of words
+    tags: str = "tags"  # token-classification: list of BIO tags (strings or ints)
+    prompt: str = "prompt"  # causal-lm: input text
+    target: str = "target"  # causal-lm: JSON object of attributes (or its string)
+    validation_fraction: float = Field(0.15, gt=0, lt=0.9)
+    test_fraction: float = Field(0.15, gt=0, lt=0.9)
+    split_seed: int = 0
+    max_train_samples: int | None = Field(None, gt=0)
+    max_eval_samples: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if not self.train and not self.dataset:
+            raise ValueError("name the training data: data.train (a local file) or data.dataset (a hub id)")
+        if self.train and self.dataset:
+            raise ValueError("give either data.train (local files) or data.dataset (hub id), not both")
+        return self
+
+
+class SearchSpec(_Strict):
+    sampler: Literal["tpe", "gp", "random", "grid", "cmaes", "nsga2"] = "tpe"
+    pruner: Literal["hyperband", "successive_halving", "median", "none"] = "hyperband"
+    min_resource: float = Field(0.2, gt=0, le=1, description="first rung, as a fraction of the training budget")
+    reduction_factor: int = Field(3, ge=2)
+    rungs: list[int] | None = Field(None, description="explicit rungs in percent of the budget (1..100)")
+    n_startup_trials: int = Field(5, ge=0)
+    n_warmup_steps: int = Field(0, ge=0, description="median pruner: no pruning before this percent")
+    multivariate: bool = True
+    constant_liar: bool = True
+    seed: int | None = None
+    max_retries: int = Field(2, ge=0, description="re-queues of a trial whose lease expired")
+    sampler_options: dict[str, Any] = Field(default_factory=dict)
+    pruner_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("rungs")
+    @classmethod
+    def _rungs(cls, rungs: list[int] | None) -> list[int] | None:
+        if rungs is None:
+            return None
+        if not rungs or any(not 1 <= r <= 100 for r in rungs) or sorted(set(rungs)) != rungs:
+            raise ValueError("rungs must be increasing percents between 1 and 100, e.g. [20, 60, 100]")
+        return rungs
+
+
+class BudgetSpec(_Strict):
+    max_trials: int = Field(32, ge=1)
+    max_gpu_hours: float | None = Field(None, gt=0)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+
+class StudySpec(_Strict):
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    description: str = ""
+    model: str = Field(min_length=1, description="hub id or local path of the base model")
+    tokenizer: str | None = None
+    task: Literal["sequence-classification", "token-classification", "causal-lm"]
+    data: DataSpec
+    objective: ObjectiveSpec | list[ObjectiveSpec]
+    search_space: dict[str, Param] = Field(min_length=1)
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    baseline: dict[str, Any] | None = Field(
+        None, description="parameters enqueued as the first trial, so tuned vs default is measurable"
+    )
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    seed: int = 0
+
+    @property
+    def objectives(self) -> list[ObjectiveSpec]:
+        return self.objective if isinstance(self.objective, list) else [self.objective]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Cross-field problems pydantic's per-field checks cannot see, each as (field path, message)."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for name, param in self.search_space.items():
+            msg = _param_name_problem(name)
+            if msg:
+                problems.append((("search_space", name), msg))
+                continue
+            kind = TRAINING_PARAMS[name]
+            if kind == "str" and not isinstance(param, CategoricalParam):
+                problems.append((("search_space", name), f"{name} takes names: use type: categorical with choices"))
+            if kind == "int" and isinstance(param, FloatParam):
+                problems.append((("search_space", name, "type"), f"{name} is an integer: use type: int"))
+        for name in self.fixed:
+            msg = _param_name_problem(name)
+            if msg:
+                problems.append((("fixed", name), msg))
+        metrics = TASK_METRICS[self.task]
+        for i, objective in enumerate(self.objectives):
+            if objective.metric not in metrics:
+                loc: tuple[str | int, ...] = ("objective", i, "metric") if self.multi_objective else (
+                    "objective", "metric")
+                problems.append((loc, f"metric {objective.metric!r} is not produced by task {self.task}; "
+                                 f"use one of {', '.join(metrics)}"))
+        names = [o.metric for o in self.objectives]
+        if len(set(names)) != len(names):
+            problems.append((("objective",), "the same metric is listed twice; list each once"))
+        for name in sorted(set(self.search_space) & set(self.fixed)):
+            problems.append((("fixed", name), f"{name} is both searched and fixed; keep it in one place"))
+        if self.multi_objective and self.search.sampler not in MULTI_OBJECTIVE_SAMPLERS:
+            problems.append((("search", "sampler"), f"{self.search.sampler} is single-objective; with several "
+                             f"objectives use one of {', '.join(MULTI_OBJECTIVE_SAMPLERS)}"))
+        if self.multi_objective and self.search.pruner != "none":
+            problems.append((("search", "pruner"), "pruning needs a single objective: set search.pruner: none"))
+        if self.search.sampler == "grid":
+            for name, p in self.search_space.items():
+                if isinstance(p, FloatParam) and p.step is None:
+                    problems.append((("search_space", name, "step"),
+                                     "search.sampler grid needs a finite grid: give this float parameter a step"))
+        if self.baseline is not None:
+            problems.extend(self._baseline_problems())
+        return problems
+
+    def _baseline_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        assert self.baseline is not None
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for name, value in self.baseline.items():
+            if name in self.fixed:
+                continue
+            param = self.search_space.get(name)
+            loc = ("baseline", name)
+            if param is None:
+                problems.append((loc, f"{name} is neither searched nor fixed; add it to search_space or drop it"))
+            elif isinstance(param, CategoricalParam):
+                if value not in param.choices:
+                    problems.append((loc, f"{value!r} is not one of the choices {param.choices}"))
+            elif not isinstance(value, (int, float)) or isinstance(value, bool):
+                problems.append((loc, f"{value!r} is not a number; give a value in [{param.low}, {param.high}]"))
+            elif not (param.low <= value <= param.high):
+                problems.append((loc, f"{value} lies outside [{param.low}, {param.high}]; move it inside the range"))
+        missing = [n for n in self.search_space if n not in self.baseline]
+        if missing:
+            problems.append((("baseline",), f"the baseline must give every searched parameter; add {missing}"))
+        return problems
+
+    def rungs(self) -> list[int]:
+        """Percent of the training budget at which workers evaluate and report, ending at 100."""
+        if self.search.rungs:
+            rungs = list(self.search.rungs)
+        else:
+            rungs = []
+            resource = self.search.min_resource * 100
+            while resource < 100 - 1e-9:
+                rungs.append(max(1, round(resource)))
+                resource *= self.search.reduction_factor
+        if not rungs or rungs[-1] != 100:
+            rungs.append(100)
+        return sorted(set(rungs))
+
+
+def _param_name_problem(name: str) -> str | None:
+    if name in TRAINING_PARAMS:
+        return None
+    close = difflib.get_close_matches(name, TRAINING_PARAMS, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(TRAINING_PARAMS)}"
+    return f"unknown training parameter {name!r}; {hint}"
+
+
+class SpecError(ValueError):
+    """A spec that cannot be accepted; `errors` lists every problem as {loc, msg, type}."""
+
+    def __init__(self, errors: list[dict[str, Any]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+
+
+def validate_spec(data: Any) -> StudySpec:
+    """Validate a parsed spec; raises SpecError naming every offending field and its fix."""
+    try:
+        spec = StudySpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError([_pydantic_error(e) for e in exc.errors()]) from None
+    problems = spec.problems()
+    if problems:
+        raise SpecError([{"loc": list(loc), "msg": msg, "type": "value_error"} for loc, msg in problems])
+    return spec
+
+
+_FIXES = {
+    "extra_forbidden": "unknown key: remove it or check its spelling (see docs/configuration.md)",
+    "missing": "required: add it",
+    "literal_error": None,
+}
+
+
+def _pydantic_error(error: Any) -> dict[str, Any]:
+    loc = [part for part in error["loc"] if part not in ("float", "int", "categorical")]
+    msg = error["msg"].removeprefix("Value error, ")
+    fix = _FIXES.get(error["type"])
+    if fix:
+        msg = f"{msg}; {fix}"
+    return {"loc": loc, "msg": msg, "type": error["type"]}
+
+
+def parse_spec_text(text: str) -> dict[str, Any]:
+    """Parse YAML or JSON (JSON is YAML) into a plain dict; raises ValueError on a syntax error."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"the spec is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError("the spec must be a mapping (name, model, task, data, objective, search_space, ...)")
+    return data

@@ -1,0 +1,306 @@
+"""Studies: create from a spec, list, show with progress and budget, pause/resume/stop, delete; trial views."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import optuna
+import sqlalchemy as sa
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.orm import Session
+
+from service.backend import Backend, StudyRuntime
+from service.errors import Conflict, InvalidInput, NotFound
+from service.models import Lease, Report, utcnow
+from service.models import Study as StudyRow
+from service.schemas import StudyOut, TrialOut
+from service.search import build_pruner, build_sampler, search_problems
+from service.spec import SpecError, StudySpec, validate_spec
+
+__all__ = [
+    "Usage", "create_study", "delete_study", "get_study", "get_trial", "list_studies", "list_trials",
+    "aware", "lease_deadline", "maybe_complete", "set_study_state", "usage",
+]
+
+log = logging.getLogger(__name__)
+STATES = ("running", "paused", "stopped", "completed")
+# Which state each action moves a study to, and from which states it may.
+_TRANSITIONS = {
+    "pause": ("paused", ("running",)),
+    "resume": ("running", ("paused",)),
+    "stop": ("stopped", ("running", "paused")),
+}
+
+
+@dataclass
+class Usage:
+    """How much of a study's budget is spent. A failed trial whose parameters were re-queued is not counted:
+    its retry takes its place."""
+
+    used: int
+    running: int
+    waiting: int
+    gpu_hours: float
+
+    def has_room(self, spec: StudySpec) -> bool:
+        b = spec.budget
+        if self.used >= b.max_trials and self.waiting == 0:
+            return False
+        if b.max_concurrent_trials is not None and self.running >= b.max_concurrent_trials:
+            return False
+        return not (b.max_gpu_hours is not None and self.gpu_hours >= b.max_gpu_hours)
+
+
+def usage(session: Session, runtime: StudyRuntime, trials: list[FrozenTrial] | None = None) -> Usage:
+    trials = trials if trials is not None else runtime.study.get_trials(deepcopy=False)
+    n = Counter(t.state for t in trials)
+    requeued = session.scalar(
+        sa.select(sa.func.count()).select_from(Lease).where(Lease.study_id == runtime.id, Lease.requeued)
+    ) or 0
+    used = n[TrialState.RUNNING] + n[TrialState.COMPLETE] + n[TrialState.PRUNED] + n[TrialState.FAIL] - requeued
+    # Re-queued trials wait in Optuna's queue and are handed out even when the budget is reached.
+    waiting = sum(1 for t in trials if t.state == TrialState.WAITING and "retry_of" in t.user_attrs)
+    # Device-hours are summed over leases (wall time a worker held each trial, pruned and failed ones too).
+    hours = _lease_hours(session, runtime.id) if runtime.spec.budget.max_gpu_hours is not None else 0.0
+    return Usage(used=used, running=n[TrialState.RUNNING], waiting=waiting, gpu_hours=hours)
+
+
+def create_study(backend: Backend, data: Any) -> StudyOut:
+    """Validate and store a study, enqueue its baseline; raises InvalidInput (422) or Conflict (409)."""
+    try:
+        spec = validate_spec(data)
+    except SpecError as exc:
+        raise InvalidInput(f"invalid study spec: {exc}", exc.errors) from None
+    problems = search_problems(spec)
+    if problems:
+        errors = [{"loc": list(loc), "msg": msg, "type": "value_error"} for loc, msg in problems]
+        raise InvalidInput(f"invalid study spec: {problems[0][1]}", errors)
+    with backend.session() as session:
+        if session.scalar(sa.select(StudyRow.id).where(StudyRow.name == spec.name)) is not None:
+            raise Conflict(f"a study named {spec.name!r} exists: pick another name or delete it first")
+    try:
+        study = optuna.create_study(storage=backend.storage, study_name=spec.name,
+                                    directions=[o.direction for o in spec.objectives],
+                                    sampler=build_sampler(spec), pruner=build_pruner(spec))
+    except optuna.exceptions.DuplicatedStudyError:
+        raise Conflict(f"an Optuna study named {spec.name!r} already exists in this database: pick another name")
+    try:
+        study.set_metric_names([o.metric for o in spec.objectives])
+        study.set_user_attr("tunefleet_spec", data)
+        baseline_id = _enqueue_baseline(study, spec)
+        with backend.session() as session:
+            session.add(StudyRow(id=study._study_id, name=spec.name, spec=data, state="running",
+                                 baseline_trial_id=baseline_id))
+    except BaseException:
+        optuna.delete_study(study_name=spec.name, storage=backend.storage)
+        raise
+    log.info("study %s (%s) created: %s sampler, %s pruner, rungs %s", study._study_id, spec.name,
+             spec.search.sampler, spec.search.pruner, spec.rungs())
+    return get_study(backend, study._study_id)
+
+
+def _enqueue_baseline(study: optuna.Study, spec: StudySpec) -> int | None:
+    if spec.baseline is None:
+        return None
+    params = {k: v for k, v in spec.baseline.items() if k in spec.search_space}
+    study.enqueue_trial(params, user_attrs={"is_baseline": True, "attempt": 0})
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    return waiting[-1]._trial_id
+
+
+def _row(session: Session, study_id: int) -> StudyRow:
+    row = session.get(StudyRow, study_id)
+    if row is None:
+        raise NotFound(f"study {study_id} does not exist: `tunefleet study ls` lists studies")
+    return row
+
+
+def get_study(backend: Backend, study_id: int) -> StudyOut:
+    with backend.session() as session:
+        row = _row(session, study_id)
+        runtime = backend.runtime(study_id)
+        return _study_view(session, row, runtime)
+
+
+def list_studies(backend: Backend, state: str | None, name: str | None, limit: int, offset: int
+                 ) -> tuple[list[StudyOut], int]:
+    with backend.session() as session:
+        query = sa.select(StudyRow)
+        if state:
+            if state not in STATES:
+                raise InvalidInput(f"unknown state {state!r}: use one of {', '.join(STATES)}")
+            query = query.where(StudyRow.state == state)
+        if name:
+            query = query.where(StudyRow.name.contains(name))
+        total = session.scalar(sa.select(sa.func.count()).select_from(query.subquery())) or 0
+        rows = session.scalars(query.order_by(StudyRow.id.desc()).limit(limit).offset(offset)).all()
+        return [_study_view(session, row, backend.runtime(row.id)) for row in rows], total
+
+
+def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> StudyOut:
+    trials = runtime.study.get_trials(deepcopy=False)
+    counts = Counter(t.state.name.lower() for t in trials)
+    use = usage(session, runtime, trials)
+    best = _best_trial(runtime, trials)
+    max_trials = runtime.spec.budget.max_trials
+    return StudyOut(
+        id=row.id, name=row.name, state=row.state, spec=row.spec, created_at=row.created_at,
+        counts={s: counts.get(s, 0) for s in ("waiting", "running", "complete", "pruned", "fail")},
+        trials_used=use.used, max_trials=max_trials, progress=min(1.0, use.used / max_trials),
+        gpu_hours=_lease_hours(session, row.id),
+        rungs=runtime.rungs,
+        best_trial=_trial_view(best, row.id, *_trial_extras(session, [best._trial_id])) if best else None,
+        baseline_trial_id=row.baseline_trial_id,
+    )
+
+
+def _lease_hours(session: Session, study_id: int) -> float:
+    now = utcnow()
+    spans = session.execute(sa.select(Lease.started_at, Lease.finished_at).where(Lease.study_id == study_id))
+    return round(sum((aware(end or now) - aware(start)).total_seconds() for start, end in spans) / 3600.0, 6)
+
+
+def aware(moment: datetime) -> datetime:
+    # SQLite returns naive datetimes even for timezone=True columns; they were written as UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _best_trial(runtime: StudyRuntime, trials: list[FrozenTrial]) -> FrozenTrial | None:
+    if runtime.spec.multi_objective:
+        return None
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    if not complete:
+        return None
+    maximize = runtime.spec.objectives[0].direction == "maximize"
+    return (max if maximize else min)(complete, key=lambda t: t.value)
+
+
+def set_study_state(backend: Backend, study_id: int, action: str) -> StudyOut:
+    target, allowed = _TRANSITIONS[action]
+    with backend.session() as session:
+        row = _row(session, study_id)
+        if row.state != target:
+            if row.state not in allowed:
+                raise Conflict(f"study {study_id} is {row.state}; {action} works on a "
+                               f"{' or '.join(allowed)} study")
+            row.state = target
+    log.info("study %s: %s -> %s", study_id, action, target)
+    return get_study(backend, study_id)
+
+
+def delete_study(backend: Backend, study_id: int) -> None:
+    with backend.session() as session:
+        row = _row(session, study_id)
+        name = row.name
+        session.execute(sa.delete(Report).where(Report.trial_id.in_(
+            sa.select(Lease.trial_id).where(Lease.study_id == study_id))))
+        session.execute(sa.delete(Lease).where(Lease.study_id == study_id))
+        session.delete(row)
+    backend.forget(study_id)
+    try:
+        optuna.delete_study(study_name=name, storage=backend.storage)
+    except KeyError:
+        pass  # already gone from Optuna's tables
+    backend.artifacts.delete_study(study_id)
+    log.info("study %s (%s) deleted", study_id, name)
+
+
+def maybe_complete(backend: Backend, session: Session, runtime: StudyRuntime) -> None:
+    """Mark a running study completed once its budget is spent and nothing is left running or queued."""
+    row = session.get(StudyRow, runtime.id)
+    if row is None or row.state != "running":
+        return
+    use = usage(session, runtime)
+    b = runtime.spec.budget
+    spent = use.used >= b.max_trials or (b.max_gpu_hours is not None and use.gpu_hours >= b.max_gpu_hours)
+    if spent and use.running == 0 and use.waiting == 0:
+        row.state = "completed"
+        log.info("study %s (%s) completed: %s trials used", runtime.id, runtime.name, use.used)
+
+
+# ---- trial views -----------------------------------------------------------------------------------------
+
+def _trial_extras(session: Session, trial_ids: list[int]
+                  ) -> tuple[dict[int, Lease], dict[int, dict[int, dict[str, Any]]]]:
+    leases = {lease.trial_id: lease for lease in session.scalars(sa.select(Lease).where(Lease.trial_id.in_(trial_ids)))}
+    rung_metrics: dict[int, dict[int, dict[str, Any]]] = {}
+    for rep in session.scalars(sa.select(Report).where(Report.trial_id.in_(trial_ids))):
+        rung_metrics.setdefault(rep.trial_id, {})[rep.step] = rep.metrics
+    return leases, rung_metrics
+
+
+def _trial_view(t: FrozenTrial, study_id: int, leases: dict[int, Lease],
+                rung_metrics: dict[int, dict[int, dict[str, Any]]]) -> TrialOut:
+    lease = leases.get(t._trial_id)
+    attrs = dict(t.user_attrs)
+    return TrialOut(
+        id=t._trial_id, study_id=study_id, number=t.number, state=t.state.name, params=t.params,
+        value=t.value if t.values is not None and len(t.values) == 1 else None,
+        values=list(t.values) if t.values is not None else None,
+        intermediate_values=dict(t.intermediate_values),
+        validation_metrics=attrs.pop("validation_metrics", {}), test_metrics=attrs.pop("test_metrics", {}),
+        extra=attrs.pop("extra", {}), rung_metrics=rung_metrics.get(t._trial_id, {}), user_attrs=attrs,
+        is_baseline=bool(attrs.get("is_baseline", False)), attempt=int(attrs.get("attempt", 0)),
+        retry_of=attrs.get("retry_of"), worker_id=lease.worker_id if lease else None,
+        fail_reason=(lease.fail_reason if lease else None) or attrs.get("fail_reason"),
+        datetime_start=t.datetime_start, datetime_complete=t.datetime_complete,
+    )
+
+
+def list_trials(backend: Backend, study_id: int, state: str | None, limit: int, offset: int
+                ) -> tuple[list[TrialOut], int]:
+    runtime = backend.runtime(study_id)
+    trials = runtime.study.get_trials(deepcopy=False)
+    if state:
+        try:
+            wanted = TrialState[state.upper()]
+        except KeyError:
+            raise InvalidInput(f"unknown trial state {state!r}: use one of "
+                               f"{', '.join(s.name.lower() for s in TrialState)}") from None
+        trials = [t for t in trials if t.state == wanted]
+    page = trials[offset: offset + limit]
+    with backend.session() as session:
+        extras = _trial_extras(session, [t._trial_id for t in page])
+        return [_trial_view(t, study_id, *extras) for t in page], len(trials)
+
+
+def get_trial(backend: Backend, trial_id: int) -> TrialOut:
+    with backend.session() as session:
+        lease = session.get(Lease, trial_id)
+        study_id = lease.study_id if lease else _study_id_of_trial(backend, trial_id)
+        runtime = backend.runtime(study_id)
+        t = backend.storage.get_trial(trial_id)
+        return _trial_view(t, runtime.id, *_trial_extras(session, [trial_id]))
+
+
+def _study_id_of_trial(backend: Backend, trial_id: int) -> int:
+    """Waiting trials have no lease yet: ask Optuna which study holds them."""
+    try:
+        optuna_study_id = backend.rdb.get_study_id_from_trial_id(trial_id)
+    except KeyError:
+        raise NotFound(f"trial {trial_id} does not exist") from None
+    return optuna_study_id
+
+
+def lease_deadline(backend: Backend) -> datetime:
+    return utcnow() + timedelta(seconds=backend.settings.lease_seconds)
+
+
+def study_report(backend: Backend, study_id: int) -> dict[str, Any]:
+    """The fidelity report of a study (see service/fidelity.py and docs/fidelity.md)."""
+    from service.fidelity import fidelity_report
+
+    runtime = backend.runtime(study_id)
+    spec = runtime.spec
+    if spec.multi_objective:
+        return {"study_id": study_id, "warnings": ["fidelity reports need a single objective"], "rungs": []}
+    trials = runtime.study.get_trials(deepcopy=False)
+    baselines = [t for t in trials if t.user_attrs.get("is_baseline") and t.state == TrialState.COMPLETE]
+    report = fidelity_report(runtime.study, direction=spec.objectives[0].direction, rungs=runtime.rungs,
+                             baseline_trial_number=baselines[-1].number if baselines else None,
+                             objective_metric=spec.objectives[0].metric)
+    return {"study_id": study_id, "study_name": runtime.name, **report}
