@@ -81,5 +81,6 @@ def artifact_path(backend: Backend, trial_id: int, name: str) -> Path:
         row = session.scalar(sa.select(Artifact).where(Artifact.trial_id == trial_id,
                                                        Artifact.name == clean_name(name)))
         if row is None or not Path(row.path).exists():
-            raise NotFound(f"trial {trial_id} has no artifact {name!r}: list them with GET /trials/{trial_id}/artifacts")
+            raise NotFound(f"trial {trial_id} has no artifact {name!r}: "
+                           f"list them with GET /trials/{trial_id}/artifacts")
         return Path(row.path)

@@ -102,12 +102,12 @@ class Backend:
                 yield
                 return
             with self.engine.connect() as conn:
-                conn.execute(sa.text("SELECT pg_advisory_lock(:ns, :id)"), {"ns": _ADVISORY_NAMESPACE, "id": runtime.id})
+                key = {"ns": _ADVISORY_NAMESPACE, "id": runtime.id}
+                conn.execute(sa.text("SELECT pg_advisory_lock(:ns, :id)"), key)
                 try:
                     yield
                 finally:
-                    conn.execute(sa.text("SELECT pg_advisory_unlock(:ns, :id)"),
-                                 {"ns": _ADVISORY_NAMESPACE, "id": runtime.id})
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:ns, :id)"), key)
                     conn.commit()
 
     def trial_lock(self, trial_id: int) -> threading.Lock:

@@ -152,7 +152,8 @@ def report(backend: Backend, trial_id: int, body: ReportIn) -> bool:
         if not runtime.spec.multi_objective:
             trial = optuna.Trial(runtime.study, trial_id)  # a fresh snapshot per request, never cached
             trial.report(body.value, body.step)
-            prune = trial.should_prune()
+            # The baseline always runs to the end, so "tuned vs default" is always measurable on test.
+            prune = not trial.user_attrs.get("is_baseline") and trial.should_prune()
         session.add(Report(trial_id=trial_id, step=body.step, value=body.value, metrics=body.metrics, prune=prune))
         record.deadline = lease_deadline(backend)  # any call from the worker shows it is alive
         if prune:
@@ -191,8 +192,8 @@ def _values(runtime: StudyRuntime, body: CompleteIn) -> list[float]:
     values = body.values if body.values is not None else ([body.value] if body.value is not None else None)
     n = len(runtime.spec.objectives)
     if values is None or len(values) != n:
-        raise InvalidInput(f"complete needs {n} objective value(s) ({', '.join(o.metric for o in runtime.spec.objectives)})"
-                           f": send {'value' if n == 1 else 'values'}")
+        names = ", ".join(o.metric for o in runtime.spec.objectives)
+        raise InvalidInput(f"complete needs {n} objective value(s) ({names}): send {'value' if n == 1 else 'values'}")
     if not all(math.isfinite(v) for v in values):
         raise InvalidInput(f"objective values {values} are not finite: fail the trial instead")
     return values
@@ -218,7 +219,8 @@ def _fail_and_maybe_requeue(backend: Backend, session: Session, record: Lease, r
         runtime.study.tell(t.number, state=TrialState.FAIL)
     record.state, record.finished_at, record.fail_reason = new_state, utcnow(), reason
     study = session.get(StudyRow, record.study_id)
-    if retryable and record.attempt < runtime.spec.search.max_retries and study and study.state in ("running", "paused"):
+    attempts_left = record.attempt < runtime.spec.search.max_retries
+    if retryable and attempts_left and study is not None and study.state in ("running", "paused"):
         attrs: dict[str, Any] = {"attempt": record.attempt + 1, "retry_of": record.trial_id}
         if t.user_attrs.get("is_baseline"):
             attrs["is_baseline"] = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -87,7 +88,8 @@ def create_study(backend: Backend, data: Any) -> StudyOut:
                                     directions=[o.direction for o in spec.objectives],
                                     sampler=build_sampler(spec), pruner=build_pruner(spec))
     except optuna.exceptions.DuplicatedStudyError:
-        raise Conflict(f"an Optuna study named {spec.name!r} already exists in this database: pick another name")
+        raise Conflict(f"an Optuna study named {spec.name!r} already exists in this database: "
+                       "pick another name") from None
     try:
         study.set_metric_names([o.metric for o in spec.objectives])
         study.set_user_attr("tunefleet_spec", data)
@@ -201,10 +203,8 @@ def delete_study(backend: Backend, study_id: int) -> None:
         session.execute(sa.delete(Lease).where(Lease.study_id == study_id))
         session.delete(row)
     backend.forget(study_id)
-    try:
+    with contextlib.suppress(KeyError):  # already gone from Optuna's tables
         optuna.delete_study(study_name=name, storage=backend.storage)
-    except KeyError:
-        pass  # already gone from Optuna's tables
     backend.artifacts.delete_study(study_id)
     log.info("study %s (%s) deleted", study_id, name)
 
@@ -279,11 +279,11 @@ def get_trial(backend: Backend, trial_id: int) -> TrialOut:
 
 def _study_id_of_trial(backend: Backend, trial_id: int) -> int:
     """Waiting trials have no lease yet: ask Optuna which study holds them."""
-    try:
-        optuna_study_id = backend.rdb.get_study_id_from_trial_id(trial_id)
-    except KeyError:
-        raise NotFound(f"trial {trial_id} does not exist") from None
-    return optuna_study_id
+    with backend.engine.connect() as conn:
+        study_id = conn.scalar(sa.text("SELECT study_id FROM trials WHERE trial_id = :id"), {"id": trial_id})
+    if study_id is None:
+        raise NotFound(f"trial {trial_id} does not exist")
+    return int(study_id)
 
 
 def lease_deadline(backend: Backend) -> datetime:

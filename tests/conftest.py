@@ -1,0 +1,157 @@
+"""Shared fixtures: a fresh real PostgreSQL database per test (or SQLite), settings, and a live uvicorn server.
+
+PostgreSQL is the one at TUNEFLEET_TEST_PG (default postgresql+psycopg2://postgres@127.0.0.1:5432/test);
+each test gets its own database, copied from a migrated template made once per run and dropped after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+import uvicorn
+from sqlalchemy.engine import make_url
+
+from service.config import Settings
+from service.db import upgrade_database
+
+PG_ADMIN_URL = os.environ.get("TUNEFLEET_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+RUN_ID = uuid.uuid4().hex[:8]
+
+
+def _pg_connect():  # type: ignore[no-untyped-def]
+    url = make_url(PG_ADMIN_URL)
+    conn = psycopg2.connect(host=url.host, port=url.port or 5432, user=url.username, password=url.password,
+                            dbname=url.database)
+    conn.autocommit = True
+    return conn
+
+
+def _db_url(name: str) -> str:
+    return make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def _drop(name: str) -> None:
+    with contextlib.closing(_pg_connect()) as conn, conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A migrated database that each test's database is copied from (CREATE DATABASE ... TEMPLATE)."""
+    name = f"tf_template_{RUN_ID}"
+    try:
+        conn = _pg_connect()
+    except psycopg2.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({exc}); start it with "
+                    "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`")
+    with contextlib.closing(conn), conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    upgrade_database(Settings(database_url=_db_url(name), home=tmp_path_factory.mktemp("template")))
+    yield name
+    _drop(name)
+
+
+@pytest.fixture
+def pg_url(pg_template: str) -> Iterator[str]:
+    name = f"tf_test_{RUN_ID}_{uuid.uuid4().hex[:8]}"
+    with contextlib.closing(_pg_connect()) as conn, conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
+    yield _db_url(name)
+    _drop(name)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'tunefleet.db'}"
+    upgrade_database(Settings(database_url=url, home=tmp_path))
+    return url
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Runs a test against both storage back ends."""
+    return request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
+
+
+def make_settings(db_url: str, home: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {"database_url": db_url, "home": home, "lease_seconds": 30.0,
+                                 "heartbeat_grace_seconds": 0.0, "reaper_interval_seconds": 0.5, "auth": False}
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """A real uvicorn server on a loopback port, in a thread of the test process."""
+
+    def __init__(self, settings: Settings):
+        from service.api.app import create_app
+
+        self.settings = settings
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+    @property
+    def backend(self):  # type: ignore[no-untyped-def]
+        return self.app.state.backend
+
+
+@pytest.fixture
+def server(pg_url: str, tmp_path: Path) -> Iterator[LiveServer]:
+    """A live server on a fresh PostgreSQL database, auth off."""
+    with LiveServer(make_settings(pg_url, tmp_path)) as live:
+        yield live
+
+
+def study_spec(name: str = "study", **overrides: object) -> dict:
+    """A valid spec for the simulated worker (no model is loaded; the names only need to validate)."""
+    spec: dict = {
+        "name": name,
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "task": "sequence-classification",
+        "data": {"train": "data/train.jsonl", "text": "text", "label": "label"},
+        "objective": {"metric": "accuracy", "direction": "maximize"},
+        "search_space": {
+            "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
+            "lora_r": {"type": "categorical", "choices": [4, 8, 16, 32]},
+            "method": {"type": "categorical", "choices": ["lora", "full"]},
+        },
+        "fixed": {"max_steps": 100},
+        "baseline": {"learning_rate": 5e-5, "lora_r": 8, "method": "lora"},
+        "search": {"sampler": "tpe", "pruner": "hyperband", "min_resource": 0.2, "seed": 0, "n_startup_trials": 4},
+        "budget": {"max_trials": 12},
+    }
+    spec.update(overrides)
+    return spec

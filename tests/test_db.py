@@ -1,0 +1,89 @@
+"""Schema checks: a server on an un-migrated or older database says what to run, never a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from service.api.app import run_server
+from service.config import Settings, get_settings
+from service.db import check_database, head_revision, make_engine, upgrade_database
+from service.errors import DatabaseNotReady
+from tests.conftest import _db_url, _drop, _pg_connect
+
+
+@pytest.fixture
+def empty_pg() -> str:
+    name = f"tf_empty_{uuid.uuid4().hex[:8]}"
+    with contextlib.closing(_pg_connect()) as conn, conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    yield _db_url(name)
+    _drop(name)
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fresh.db'}"
+    return request.getfixturevalue("empty_pg")
+
+
+def test_unmigrated_database_is_reported_with_the_fix(empty_url: str) -> None:
+    engine = make_engine(empty_url)
+    try:
+        with pytest.raises(DatabaseNotReady, match="run `tunefleet db upgrade`"):
+            check_database(engine)
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_then_ready_and_upgrade_is_idempotent(empty_url: str, tmp_path: Path) -> None:
+    settings = Settings(database_url=empty_url, home=tmp_path)
+    assert upgrade_database(settings) == head_revision(empty_url)
+    assert upgrade_database(settings) == head_revision(empty_url)
+    engine = make_engine(empty_url)
+    try:
+        check_database(engine)
+        tables = set(sa.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    assert {"tf_studies", "tf_leases", "tf_reports", "tf_tokens", "tf_artifacts", "tf_alembic_version"} <= tables
+    assert {"studies", "trials", "version_info", "alembic_version"} <= tables, "Optuna's own tables"
+
+
+def test_older_schema_is_reported(empty_url: str, tmp_path: Path) -> None:
+    upgrade_database(Settings(database_url=empty_url, home=tmp_path))
+    engine = make_engine(empty_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE tf_alembic_version SET version_num = '0000'"))
+        with pytest.raises(DatabaseNotReady, match="revision 0000, this tunefleet needs"):
+            check_database(engine)
+    finally:
+        engine.dispose()
+
+
+def test_server_start_on_unmigrated_database_exits_with_message(empty_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("TUNEFLEET_DATABASE_URL", empty_url)
+    get_settings.cache_clear()
+    try:
+        with caplog.at_level(logging.ERROR):
+            assert run_server(host="127.0.0.1", port=1) == 1
+        assert "tunefleet db upgrade" in caplog.text
+    finally:
+        get_settings.cache_clear()
+
+
+def test_unreachable_database_is_reported() -> None:
+    engine = make_engine("postgresql+psycopg2://postgres@127.0.0.1:1/nowhere")
+    try:
+        with pytest.raises(DatabaseNotReady, match="cannot reach the database"):
+            check_database(engine)
+    finally:
+        engine.dispose()

@@ -1,0 +1,211 @@
+"""The worker protocol over real HTTP against a live server on PostgreSQL: leases, pruning, budgets,
+expiry and re-queue, idempotent retries, many concurrent workers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.client import Client
+from tests.conftest import LiveServer, make_settings, study_spec
+from workers.loop import WorkerLoop
+from workers.simulated import SimulatedTrainer, run_simulated_workers
+
+
+def _run_loop(url: str, tmp_path: Path, name: str = "w0", **trainer_options: object) -> int:
+    with Client(url) as client:
+        loop = WorkerLoop(client, SimulatedTrainer(**trainer_options), worker_id=name, device="cpu",
+                          once=True, idle_sleep=0.1, workdir=tmp_path / name)
+        return loop.run()
+
+
+def _trials(client: Client, study_id: int) -> list[dict]:
+    return client.list_trials(study_id, limit=1000)["items"]
+
+
+def test_tpe_hyperband_prunes_at_first_rung_and_runs_baseline_first(server: LiveServer, tmp_path: Path) -> None:
+    with Client(server.url) as client:
+        study = client.create_study(study_spec("tpe-hb", budget={"max_trials": 24}))
+        assert study["rungs"] == [20, 60, 100]
+        assert _run_loop(server.url, tmp_path) == 24
+        trials = _trials(client, study["id"])
+        shown = client.get_study(study["id"])
+
+    assert len(trials) == 24 and shown["state"] == "completed" and shown["trials_used"] == 24
+    first = min(trials, key=lambda t: t["number"])
+    assert first["is_baseline"] and first["params"] == {"learning_rate": 5e-5, "lora_r": 8, "method": "lora"}
+    assert first["id"] == shown["baseline_trial_id"]
+    pruned = [t for t in trials if t["state"] == "PRUNED"]
+    assert pruned, "Hyperband should prune some trials"
+    assert any(max(map(int, t["intermediate_values"])) == 20 for t in pruned), "someone pruned at the 20% rung"
+    for t in trials:
+        assert set(map(int, t["intermediate_values"])) <= {20, 60, 100}
+        if t["state"] == "COMPLETE":
+            assert t["validation_metrics"]["accuracy"] == pytest.approx(t["value"])
+            assert "accuracy" in t["test_metrics"] and t["intermediate_values"]["100"] == pytest.approx(t["value"])
+    assert shown["best_trial"]["value"] == max(t["value"] for t in trials if t["state"] == "COMPLETE")
+
+
+def test_budget_and_concurrency_limits(server: LiveServer) -> None:
+    with Client(server.url) as client:
+        study = client.create_study(study_spec("limits", budget={"max_trials": 3, "max_concurrent_trials": 2},
+                                               baseline=None))
+        a = client.lease("w1", {}, "h")
+        b = client.lease("w2", {}, "h")
+        assert a and b and a["trial_id"] != b["trial_id"]
+        assert client.lease("w3", {}, "h") is None, "max_concurrent_trials=2 is reached"
+        client.complete(a["trial_id"], value=0.5)
+        c = client.lease("w3", {}, "h")
+        assert c is not None
+        client.complete(b["trial_id"], value=0.6)
+        assert client.lease("w4", {}, "h") is None, "max_trials=3 is spent"
+        client.complete(c["trial_id"], value=0.7)
+        assert client.get_study(study["id"])["state"] == "completed"
+
+
+def test_work_is_shared_fairly_between_studies(server: LiveServer) -> None:
+    with Client(server.url) as client:
+        ids = [client.create_study(study_spec(f"fair{i}", baseline=None))["id"] for i in range(3)]
+        leased = [client.lease(f"w{i}", {}, "h")["study_id"] for i in range(6)]
+    assert Counter(leased) == {i: 2 for i in ids}
+
+
+def test_expired_lease_fails_trial_and_requeues_same_params(pg_url: str, tmp_path: Path) -> None:
+    settings = make_settings(pg_url, tmp_path, lease_seconds=1.0, reaper_interval_seconds=0.2)
+    with LiveServer(settings) as live, Client(live.url) as client:
+        study = client.create_study(study_spec("expiry", baseline=None, search={"max_retries": 1}))
+        first = client.lease("dead-worker", {}, "h")
+        assert first is not None
+        time.sleep(2.5)  # no heartbeat: the reaper fails it and re-queues its parameters
+        failed = client.get_trial(first["trial_id"])
+        assert failed["state"] == "FAIL" and "lease expired" in failed["fail_reason"]
+        retry = client.lease("live-worker", {}, "h")
+        assert retry["params"] == first["params"] and retry["attempt"] == 1
+        assert client.get_trial(retry["trial_id"])["retry_of"] == first["trial_id"]
+        assert client.heartbeat(first["trial_id"], "dead-worker")["stop"] is True
+        time.sleep(2.5)  # expires again: max_retries=1 is used up, nothing more is queued
+        assert client.get_trial(retry["trial_id"])["state"] == "FAIL"
+        third = client.lease("w", {}, "h")
+        assert third is None or third["params"] != first["params"] or third["attempt"] == 0
+        assert client.get_study(study["id"])["counts"]["fail"] == 2
+
+
+def test_heartbeats_keep_a_lease_alive(pg_url: str, tmp_path: Path) -> None:
+    settings = make_settings(pg_url, tmp_path, lease_seconds=1.0, reaper_interval_seconds=0.2)
+    with LiveServer(settings) as live, Client(live.url) as client:
+        client.create_study(study_spec("alive", baseline=None))
+        lease = client.lease("w", {}, "h")
+        for _ in range(6):
+            time.sleep(0.4)
+            assert client.heartbeat(lease["trial_id"], "w")["stop"] is False
+        assert client.complete(lease["trial_id"], value=0.8)["state"] == "COMPLETE"
+
+
+def test_every_worker_write_is_idempotent(server: LiveServer) -> None:
+    with Client(server.url) as client:
+        study = client.create_study(study_spec("idem", baseline=None, search={"pruner": "none"}))
+        http = httpx.Client(base_url=server.url)
+        body = {"worker_id": "w", "request_id": "req-1"}
+        lease1 = http.post("/api/v1/leases", json=body).json()
+        lease2 = http.post("/api/v1/leases", json=body).json()
+        assert lease1["trial_id"] == lease2["trial_id"], "a retried lease returns the same trial"
+        tid = lease1["trial_id"]
+        first = http.post(f"/api/v1/trials/{tid}/reports", json={"step": 20, "value": 0.4}).json()
+        again = http.post(f"/api/v1/trials/{tid}/reports", json={"step": 20, "value": 0.9}).json()
+        assert first == again
+        done = client.complete(tid, value=0.7, validation_metrics={"accuracy": 0.7}, test_metrics={"accuracy": 0.69})
+        repeat = client.complete(tid, value=0.1)
+        assert repeat["value"] == done["value"] == 0.7 and repeat["test_metrics"] == {"accuracy": 0.69}
+        assert client.fail(tid, "late failure", retryable=True)["state"] == "COMPLETE"
+        trial = client.get_trial(tid)
+        assert trial["intermediate_values"] == {"20": 0.4}
+        shown = client.get_study(study["id"])
+        assert shown["counts"]["complete"] == 1 and shown["counts"]["waiting"] == 0
+
+
+def test_pruned_answer_is_stable_and_closes_the_trial(server: LiveServer) -> None:
+    with Client(server.url) as client:
+        client.create_study(study_spec("prune-stable", baseline=None,
+                                       search={"pruner": "median", "n_startup_trials": 1, "sampler": "random"}))
+        good = client.lease("w", {}, "h")
+        client.report(good["trial_id"], 20, 0.9)
+        client.complete(good["trial_id"], value=0.95)
+        bad = client.lease("w", {}, "h")
+        assert client.report(bad["trial_id"], 20, 0.1) is True
+        assert client.report(bad["trial_id"], 20, 0.1) is True
+        assert client.report(bad["trial_id"], 60, 0.99) is True, "a pruned trial stays pruned"
+        assert client.get_trial(bad["trial_id"])["state"] == "PRUNED"
+        assert client.heartbeat(bad["trial_id"], "w")["stop"] is True
+
+
+def test_retryable_failure_is_requeued_and_fatal_one_is_not(server: LiveServer) -> None:
+    with Client(server.url) as client:
+        client.create_study(study_spec("fail-paths", baseline=None, budget={"max_trials": 2}))
+        oom = client.lease("w", {}, "h")
+        client.fail(oom["trial_id"], "CUDA out of memory", retryable=False)
+        gone = client.lease("w", {}, "h")
+        assert gone["params"] != oom["params"]
+        client.fail(gone["trial_id"], "worker shutting down", retryable=True)
+        again = client.lease("w", {}, "h")
+        assert again["params"] == gone["params"] and again["attempt"] == 1
+        assert client.lease("w", {}, "h") is None, "budget: 1 fatal failure + 1 retried trial"
+
+
+def test_sixteen_concurrent_workers_never_share_a_trial(server: LiveServer, tmp_path: Path) -> None:
+    with Client(server.url) as client:
+        study = client.create_study(study_spec("crowd", budget={"max_trials": 48}))
+        codes = run_simulated_workers(server.url, None, 16, timeout=240, workdir=tmp_path)
+        trials = _trials(client, study["id"])
+    assert codes == [0] * 16
+    assert len(trials) == 48
+    with server.backend.session() as session:
+        from sqlalchemy import func, select
+
+        from service.models import Lease
+
+        per_trial = session.execute(select(Lease.trial_id, func.count()).group_by(Lease.trial_id)).all()
+        workers = {w for (w,) in session.execute(select(Lease.worker_id))}
+    assert all(n == 1 for _, n in per_trial) and len(per_trial) == 48
+    assert len(workers) > 1, "the work was spread over the workers"
+    assert Counter(t["state"] for t in trials).keys() <= {"COMPLETE", "PRUNED"}
+
+
+def test_parallel_lease_requests_get_distinct_trials(server: LiveServer) -> None:
+    with Client(server.url) as client:
+        client.create_study(study_spec("race", budget={"max_trials": 20}, baseline=None))
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def grab(i: int) -> None:
+        with Client(server.url) as c:
+            while (lease := c.lease(f"t{i}", {}, "h")) is not None:
+                with lock:
+                    got.append(lease["trial_id"])
+                c.complete(lease["trial_id"], value=0.5)
+
+    threads = [threading.Thread(target=grab, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(got) == 20 and len(set(got)) == 20
+
+
+def test_artifacts_upload_list_download(server: LiveServer, tmp_path: Path) -> None:
+    with Client(server.url) as client:
+        client.create_study(study_spec("art", baseline=None))
+        lease = client.lease("w", {}, "h")
+        blob = bytes(range(256)) * 1000
+        meta = client.upload_artifact(lease["trial_id"], "adapter/adapter_model.safetensors", blob)
+        assert meta["size"] == len(blob)
+        again = client.upload_artifact(lease["trial_id"], "adapter/adapter_model.safetensors", blob)
+        assert again["sha256"] == meta["sha256"]
+        assert [a["name"] for a in client.list_artifacts(lease["trial_id"])] == ["adapter/adapter_model.safetensors"]
+        assert client.download_artifact(lease["trial_id"], "adapter/adapter_model.safetensors") == blob
+        bad = httpx.put(f"{server.url}/api/v1/trials/{lease['trial_id']}/artifacts/..%2Fescape", content=b"x")
+        assert bad.status_code in (404, 422)
