@@ -209,3 +209,30 @@ def test_artifacts_upload_list_download(server: LiveServer, tmp_path: Path) -> N
         assert client.download_artifact(lease["trial_id"], "adapter/adapter_model.safetensors") == blob
         bad = httpx.put(f"{server.url}/api/v1/trials/{lease['trial_id']}/artifacts/..%2Fescape", content=b"x")
         assert bad.status_code in (404, 422)
+
+
+def test_two_server_replicas_on_one_database_never_hand_out_a_trial_twice(pg_url: str, tmp_path: Path) -> None:
+    settings = make_settings(pg_url, tmp_path)
+    with LiveServer(settings) as a, LiveServer(settings) as b:
+        with Client(a.url) as client:
+            study = client.create_study(study_spec("replicas", budget={"max_trials": 24}, baseline=None))
+        got: list[int] = []
+        lock = threading.Lock()
+
+        def grab(url: str, i: int) -> None:
+            with Client(url) as c:
+                while (lease := c.lease(f"r{i}", {}, "h")) is not None:
+                    with lock:
+                        got.append(lease["trial_id"])
+                    c.report(lease["trial_id"], 20, 0.5)
+                    c.complete(lease["trial_id"], value=0.5)
+
+        threads = [threading.Thread(target=grab, args=(url, i)) for i, url in enumerate([a.url, b.url] * 4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        with Client(b.url) as client:
+            shown = client.get_study(study["id"])
+    assert len(got) == 24 and len(set(got)) == 24
+    assert shown["trials_used"] == 24 and shown["counts"]["complete"] == 24
