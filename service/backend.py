@@ -53,7 +53,7 @@ class Backend:
         self.settings = settings
         self.url = settings.resolved_database_url
         self.engine = make_engine(self.url)
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
         self.is_postgres = self.engine.dialect.name == "postgresql"
         self.rdb = optuna.storages.RDBStorage(self.url, engine_kwargs=engine_kwargs(self.url),
                                               skip_table_creation=True, skip_compatibility_check=True)

@@ -1,5 +1,10 @@
 """The worker protocol: lease a trial, heartbeat, report (prune or continue), complete, fail; and the reaper.
 
+Ordering rule: inside one of our sessions, every Optuna call (tell, enqueue, reads too) comes before our
+own rows are flushed. On SQLite both engines share one file lock; our session holding it while an Optuna
+call waits on Optuna's cache lock, held by another thread that waits for the file lock, would deadlock until
+the busy timeout. Sessions are made with autoflush off, and `maybe_complete` runs after the commit.
+
 Every call a worker makes is idempotent: a retried report returns the stored answer, a retried complete or
 fail returns the trial as it is. State changes of one trial hold its lock (a process lock, and the lease row
 FOR UPDATE on PostgreSQL), so a report racing a reaper or a duplicate never changes a trial twice.
@@ -74,9 +79,10 @@ def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn) -> Lease
             row = session.get(StudyRow, runtime.id)
             if row is None or row.state != "running":
                 return None
-            if not usage(session, runtime).has_room(runtime.spec):
-                maybe_complete(backend, session, runtime)
-                return None
+            room = usage(session, runtime).has_room(runtime.spec)
+        if not room:
+            maybe_complete(backend, runtime)
+            return None
         trial = runtime.study.ask(runtime.distributions)
         try:
             with backend.session() as session:
@@ -154,15 +160,15 @@ def report(backend: Backend, trial_id: int, body: ReportIn) -> bool:
             trial.report(body.value, body.step)
             # The baseline always runs to the end, so "tuned vs default" is always measurable on test.
             prune = not trial.user_attrs.get("is_baseline") and trial.should_prune()
-        session.add(Report(trial_id=trial_id, step=body.step, value=body.value, metrics=body.metrics, prune=prune))
-        record.deadline = lease_deadline(backend)  # any call from the worker shows it is alive
         if prune:
             runtime.study.tell(trial.number, state=TrialState.PRUNED)
             record.state, record.finished_at = "pruned", utcnow()
-            log.info("trial %s pruned at %s%% (value %.4g)", trial_id, body.step, body.value)
-        session.flush()
+        session.add(Report(trial_id=trial_id, step=body.step, value=body.value, metrics=body.metrics, prune=prune))
+        record.deadline = lease_deadline(backend)  # any call from the worker shows it is alive
         if prune:
-            maybe_complete(backend, session, runtime)
+            log.info("trial %s pruned at %s%% (value %.4g)", trial_id, body.step, body.value)
+    if prune:
+        maybe_complete(backend, runtime)
     return prune
 
 
@@ -182,9 +188,8 @@ def complete(backend: Backend, trial_id: int, body: CompleteIn) -> TrialOut:
             backend.storage.set_trial_user_attr(trial_id, key, value)
         runtime.study.tell(t.number, values)
         record.state, record.finished_at = "complete", utcnow()
-        session.flush()
-        maybe_complete(backend, session, runtime)
         log.info("trial %s complete: %s", trial_id, values)
+    maybe_complete(backend, runtime)
     return get_trial(backend, trial_id)
 
 
@@ -208,30 +213,30 @@ def fail(backend: Backend, trial_id: int, body: FailIn) -> TrialOut:
     with _locked_lease(backend, trial_id) as (session, record, runtime):
         if record.state == "active":
             _fail_and_maybe_requeue(backend, session, record, runtime, body.reason, body.retryable, "failed")
+    maybe_complete(backend, runtime)
     return get_trial(backend, trial_id)
 
 
 def _fail_and_maybe_requeue(backend: Backend, session: Session, record: Lease, runtime: StudyRuntime,
                             reason: str, retryable: bool, new_state: str) -> None:
     t = backend.storage.get_trial(record.trial_id)
+    study = session.get(StudyRow, record.study_id)
+    attempts_left = record.attempt < runtime.spec.search.max_retries
+    requeue = retryable and attempts_left and study is not None and study.state in ("running", "paused")
     if not t.state.is_finished():
         backend.storage.set_trial_user_attr(record.trial_id, "fail_reason", reason)
         runtime.study.tell(t.number, state=TrialState.FAIL)
-    record.state, record.finished_at, record.fail_reason = new_state, utcnow(), reason
-    study = session.get(StudyRow, record.study_id)
-    attempts_left = record.attempt < runtime.spec.search.max_retries
-    if retryable and attempts_left and study is not None and study.state in ("running", "paused"):
+    if requeue:
         attrs: dict[str, Any] = {"attempt": record.attempt + 1, "retry_of": record.trial_id}
         if t.user_attrs.get("is_baseline"):
             attrs["is_baseline"] = True
         runtime.study.enqueue_trial(t.params, user_attrs=attrs)
-        record.requeued = True
+    record.state, record.finished_at, record.fail_reason, record.requeued = new_state, utcnow(), reason, requeue
+    if requeue:
         log.warning("trial %s %s (%s); parameters re-queued, attempt %s of %s", record.trial_id, new_state, reason,
                     record.attempt + 1, runtime.spec.search.max_retries)
     else:
         log.warning("trial %s %s: %s", record.trial_id, new_state, reason)
-    session.flush()
-    maybe_complete(backend, session, runtime)
 
 
 # ---- reaper ----------------------------------------------------------------------------------------------
@@ -254,6 +259,7 @@ def reap_expired(backend: Backend) -> int:
                           "after its deadline")
                 _fail_and_maybe_requeue(backend, session, record, runtime, reason, True, "expired")
                 reaped += 1
+            maybe_complete(backend, runtime)
         except NotFound:
             continue
     return reaped

@@ -209,17 +209,21 @@ def delete_study(backend: Backend, study_id: int) -> None:
     log.info("study %s (%s) deleted", study_id, name)
 
 
-def maybe_complete(backend: Backend, session: Session, runtime: StudyRuntime) -> None:
-    """Mark a running study completed once its budget is spent and nothing is left running or queued."""
-    row = session.get(StudyRow, runtime.id)
-    if row is None or row.state != "running":
-        return
-    use = usage(session, runtime)
-    b = runtime.spec.budget
-    spent = use.used >= b.max_trials or (b.max_gpu_hours is not None and use.gpu_hours >= b.max_gpu_hours)
-    if spent and use.running == 0 and use.waiting == 0:
-        row.state = "completed"
-        log.info("study %s (%s) completed: %s trials used", runtime.id, runtime.name, use.used)
+def maybe_complete(backend: Backend, runtime: StudyRuntime) -> None:
+    """Mark a running study completed once its budget is spent and nothing is left running or queued.
+
+    Opens its own session: call it after the caller's session committed (see the ordering rule in leases.py).
+    """
+    with backend.session() as session:
+        row = session.get(StudyRow, runtime.id)
+        if row is None or row.state != "running":
+            return
+        use = usage(session, runtime)
+        b = runtime.spec.budget
+        spent = use.used >= b.max_trials or (b.max_gpu_hours is not None and use.gpu_hours >= b.max_gpu_hours)
+        if spent and use.running == 0 and use.waiting == 0:
+            row.state = "completed"
+            log.info("study %s (%s) completed: %s trials used", runtime.id, runtime.name, use.used)
 
 
 # ---- trial views -----------------------------------------------------------------------------------------

@@ -236,3 +236,20 @@ def test_two_server_replicas_on_one_database_never_hand_out_a_trial_twice(pg_url
             shown = client.get_study(study["id"])
     assert len(got) == 24 and len(set(got)) == 24
     assert shown["trials_used"] == 24 and shown["counts"]["complete"] == 24
+
+
+def _rank_four(params: dict) -> bool:  # module level: worker processes are spawned and unpickle it
+    return params.get("lora_r") == 4
+
+
+def test_concurrent_workers_on_the_embedded_sqlite_default(sqlite_url: str, tmp_path: Path) -> None:
+    with LiveServer(make_settings(sqlite_url, tmp_path)) as live, Client(live.url) as client:
+        study = client.create_study(study_spec("sqlite-crowd", budget={"max_trials": 24}))
+        codes = run_simulated_workers(live.url, None, 6, timeout=240, workdir=tmp_path,
+                                      fail_with="preempted", fail_retryable=True, fail_at_rung=1,
+                                      fail_if=_rank_four)
+        shown = client.get_study(study["id"])
+        trials = _trials(client, study["id"])
+    assert codes == [0] * 6
+    assert shown["state"] == "completed" and shown["trials_used"] == 24
+    assert "RUNNING" not in {t["state"] for t in trials}

@@ -14,8 +14,18 @@ from service.api import metrics
 from service.api.deps import BackendDep, Reader, WorkerOrAdmin
 from service.artifacts import artifact_path, clean_name, list_artifacts, record_artifact
 from service.errors import InvalidInput
-from service.schemas import ArtifactOut, CompleteIn, FailIn, HeartbeatIn, HeartbeatOut, LeaseIn, LeaseOut, ReportIn
-from service.schemas import ReportOut, TrialOut
+from service.schemas import (
+    ArtifactOut,
+    CompleteIn,
+    FailIn,
+    HeartbeatIn,
+    HeartbeatOut,
+    LeaseIn,
+    LeaseOut,
+    ReportIn,
+    ReportOut,
+    TrialOut,
+)
 
 router = APIRouter(prefix="/api/v1", tags=["trials"])
 

@@ -1,0 +1,385 @@
+"""The Python client of the tunefleet REST API (`docs/api.md`), used by the CLI and the workers.
+
+Torch-free: it needs only httpx. Every method maps to one endpoint and returns its decoded JSON.
+
+Retries: connection errors, timeouts and 502/503/504 answers are retried with exponential backoff and
+jitter (`backoff * 2**attempt`, capped at `max_backoff`, scaled by a random factor in [0.5, 1];
+a `Retry-After` header wins when it is longer). Every call is safe to retry because the server makes
+worker writes idempotent (a lease carries a `request_id` that this client reuses across its own
+retries). When the retries are exhausted the call raises `ServerUnavailable`.
+
+Errors: any other non-2xx answer raises `ApiError` (or a subclass: `NotFoundError` for 404,
+`AuthError` for 401/403, `ConflictError` for 409), whose message is the server's `detail`, with one
+`loc: msg` entry per offending field for a 422.
+
+Testing in process: pass `transport=` (any sync `httpx.BaseTransport`, e.g. `httpx.MockTransport`) or
+`http_client=` (any configured `httpx.Client`). `httpx.ASGITransport` is async-only, so to drive the
+FastAPI app without a server use Starlette's test client, which is a sync `httpx.Client`:
+
+    from starlette.testclient import TestClient
+    client = Client("http://testserver", token, http_client=TestClient(create_app()))
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+__all__ = [
+    "API_PREFIX",
+    "ApiError",
+    "AuthError",
+    "Client",
+    "ConflictError",
+    "NotFoundError",
+    "ServerUnavailable",
+]
+
+API_PREFIX = "/api/v1"
+# Answers that mean "the server (or its proxy) is briefly away": always worth another try.
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+class ApiError(Exception):
+    """A non-2xx answer. `status_code` is None when no answer came at all (see ServerUnavailable)."""
+
+    def __init__(self, status_code: int | None, detail: Any):
+        self.status_code = status_code
+        self.detail = detail
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        """One readable line: the HTTP status and the server's detail (every field for a 422)."""
+        text = format_detail(self.detail)
+        return f"{self.status_code}: {text}" if self.status_code is not None else text
+
+
+class NotFoundError(ApiError):
+    """404: the study, trial, artifact or token does not exist."""
+
+
+class AuthError(ApiError):
+    """401 (no or bad token) or 403 (the token's role may not do this)."""
+
+
+class ConflictError(ApiError):
+    """409: the change is illegal in the resource's current state."""
+
+
+class ServerUnavailable(ApiError):
+    """The server could not be reached, or answered 502/503/504, on every attempt."""
+
+
+def format_detail(detail: Any) -> str:
+    """Render an error `detail` on one line; a pydantic-style list becomes `loc: msg; loc: msg`."""
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, Mapping) and "msg" in item:
+                loc = [str(p) for p in item.get("loc", []) if p != "body"]
+                parts.append(f"{'.'.join(loc)}: {item['msg']}" if loc else str(item["msg"]))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    if isinstance(detail, Mapping) and "msg" in detail:
+        return format_detail([detail])
+    return str(detail)
+
+
+_ERRORS_BY_STATUS: dict[int, type[ApiError]] = {
+    401: AuthError,
+    403: AuthError,
+    404: NotFoundError,
+    409: ConflictError,
+}
+
+
+def _error_from_response(response: httpx.Response) -> ApiError:
+    try:
+        body = response.json()
+        detail = body.get("detail", body) if isinstance(body, dict) else body
+    except ValueError:
+        detail = response.text.strip() or response.reason_phrase
+    if response.status_code in RETRY_STATUSES:
+        return ServerUnavailable(response.status_code, detail)
+    # A 422's detail stays a list, so the message names every offending field.
+    return _ERRORS_BY_STATUS.get(response.status_code, ApiError)(response.status_code, detail)
+
+
+class Client:
+    """A synchronous client of one tunefleet server.
+
+    `base_url` is the server root (`http://host:8000`); a trailing `/api/v1` is accepted too.
+    `retries` is the number of extra attempts after the first; `timeout` applies to each attempt.
+    `sleep` and `rng` exist so tests can observe the backoff without waiting.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        http_client: httpx.Client | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ):
+        root = base_url.rstrip("/")
+        root = root.removesuffix(API_PREFIX)
+        self.base_url = root
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if http_client is not None:
+            http_client.headers.update(headers)
+            self._http = http_client
+            self._owns_http = False
+        else:
+            self._http = httpx.Client(base_url=root, headers=headers, timeout=timeout, transport=transport)
+            self._owns_http = True
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection pool (only when this client created it)."""
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        delay = min(self.max_backoff, self.backoff * 2**attempt)
+        delay *= 0.5 + 0.5 * self._rng.random()  # jitter: spreads the retries of many workers
+        retry_after = _retry_after_seconds(response) if response is not None else None
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.max_backoff))
+        return delay
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        content: bytes | None = None,
+        retries: int | None = None,
+        api: bool = True,
+    ) -> httpx.Response:
+        """Send one request, retrying transient failures; return the 2xx response.
+
+        Raises ServerUnavailable when every attempt failed with a connection error, a timeout or
+        502/503/504; the matching ApiError subclass for any other non-2xx answer.
+        """
+        url = f"{API_PREFIX}{path}" if api else path
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        retries = self.retries if retries is None else retries
+        last: ApiError | None = None
+        for attempt in range(retries + 1):
+            response: httpx.Response | None = None
+            try:
+                response = self._http.request(method, url, json=json, params=query, content=content)
+            except httpx.TransportError as exc:  # connection refused/reset, timeouts, protocol errors
+                last = ServerUnavailable(None, f"cannot reach {self.base_url}: {type(exc).__name__}: {exc}")
+            else:
+                if response.is_success:
+                    return response
+                error = _error_from_response(response)
+                if not isinstance(error, ServerUnavailable):
+                    raise error
+                last = error
+            if attempt < retries:
+                self._sleep(self._delay(attempt, response))
+        assert last is not None
+        tries = retries + 1
+        raise ServerUnavailable(last.status_code, f"{format_detail(last.detail)} (gave up after {tries} tries)")
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.request(method, path, **kwargs)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def healthz(self) -> dict[str, Any]:
+        """GET /healthz: the process is up. Raises ServerUnavailable when it is not."""
+        return self._json("GET", "/healthz", api=False) or {}
+
+    def readyz(self) -> dict[str, Any]:
+        """GET /readyz, one attempt: the database answers and its schema is current.
+
+        Raises ServerUnavailable with the server's reason when not ready or unreachable.
+        """
+        return self._json("GET", "/readyz", api=False, retries=0) or {}
+
+    def wait_ready(self, timeout: float = 30.0, interval: float = 0.2) -> dict[str, Any]:
+        """Poll /readyz until it answers 200; raises ServerUnavailable after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.readyz()
+            except ServerUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(interval)
+
+    # -- studies --------------------------------------------------------------------------------
+
+    def create_study(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """POST /studies; returns the Study. A rejected spec raises ApiError(422) naming every field."""
+        return self._json("POST", "/studies", json=dict(spec))
+
+    def list_studies(
+        self, state: str | None = None, name: str | None = None, limit: int = 50, offset: int = 0
+    ) -> dict[str, Any]:
+        """GET /studies; returns `{items, total, limit, offset}`."""
+        params = {"state": state, "name": name, "limit": limit, "offset": offset}
+        return self._json("GET", "/studies", params=params)
+
+    def get_study(self, study_id: int) -> dict[str, Any]:
+        """GET /studies/{id}; raises NotFoundError."""
+        return self._json("GET", f"/studies/{study_id}")
+
+    def pause_study(self, study_id: int) -> dict[str, Any]:
+        """POST /studies/{id}/pause; raises NotFoundError, ConflictError."""
+        return self._json("POST", f"/studies/{study_id}/pause")
+
+    def resume_study(self, study_id: int) -> dict[str, Any]:
+        """POST /studies/{id}/resume; raises NotFoundError, ConflictError."""
+        return self._json("POST", f"/studies/{study_id}/resume")
+
+    def stop_study(self, study_id: int) -> dict[str, Any]:
+        """POST /studies/{id}/stop; raises NotFoundError, ConflictError."""
+        return self._json("POST", f"/studies/{study_id}/stop")
+
+    def delete_study(self, study_id: int) -> None:
+        """DELETE /studies/{id} (its trials, leases and artifacts go too); raises NotFoundError."""
+        self.request("DELETE", f"/studies/{study_id}")
+
+    def list_trials(
+        self, study_id: int, state: str | None = None, limit: int = 100, offset: int = 0
+    ) -> dict[str, Any]:
+        """GET /studies/{id}/trials; returns `{items, total, limit, offset}`."""
+        params = {"state": state, "limit": limit, "offset": offset}
+        return self._json("GET", f"/studies/{study_id}/trials", params=params)
+
+    def study_report(self, study_id: int) -> dict[str, Any]:
+        """GET /studies/{id}/report: the fidelity report (rank correlation per rung, baseline...)."""
+        return self._json("GET", f"/studies/{study_id}/report")
+
+    # -- trials and artifacts -------------------------------------------------------------------
+
+    def get_trial(self, trial_id: int) -> dict[str, Any]:
+        """GET /trials/{id}; raises NotFoundError."""
+        return self._json("GET", f"/trials/{trial_id}")
+
+    def upload_artifact(self, trial_id: int, name: str, data: bytes | Path) -> dict[str, Any]:
+        """PUT /trials/{id}/artifacts/{name}; `name` may contain `/`. Same bytes again is a no-op."""
+        content = data.read_bytes() if isinstance(data, Path) else data
+        return self._json("PUT", _artifact_path(trial_id, name), content=content)
+
+    def list_artifacts(self, trial_id: int) -> list[dict[str, Any]]:
+        """GET /trials/{id}/artifacts: `[{name, size, sha256, created_at}]`."""
+        return self._json("GET", f"/trials/{trial_id}/artifacts")
+
+    def download_artifact(self, trial_id: int, name: str) -> bytes:
+        """GET /trials/{id}/artifacts/{name}: the file's bytes; raises NotFoundError."""
+        return self.request("GET", _artifact_path(trial_id, name)).content
+
+    # -- the worker protocol --------------------------------------------------------------------
+
+    def lease(self, worker_id: str, device: Mapping[str, Any], hostname: str) -> dict[str, Any] | None:
+        """POST /leases: the next trial to run, or None when no study has work (204).
+
+        One request id per call, reused by this call's retries, so a lease whose answer was lost is
+        handed back again instead of leaking a second trial.
+        """
+        body = {"worker_id": worker_id, "request_id": str(uuid.uuid4()), "device": dict(device),
+                "hostname": hostname}
+        return self._json("POST", "/leases", json=body)
+
+    def heartbeat(self, trial_id: int, worker_id: str) -> dict[str, Any]:
+        """POST /trials/{id}/heartbeat: extends the lease; `{stop, reason, deadline}`."""
+        return self._json("POST", f"/trials/{trial_id}/heartbeat", json={"worker_id": worker_id})
+
+    def report(
+        self, trial_id: int, step: int, value: float, metrics: Mapping[str, Any] | None = None
+    ) -> bool:
+        """POST /trials/{id}/reports at `step` (percent of the budget); True means prune now."""
+        body = {"step": step, "value": value, "metrics": dict(metrics or {})}
+        return bool(self._json("POST", f"/trials/{trial_id}/reports", json=body)["prune"])
+
+    def complete(
+        self,
+        trial_id: int,
+        value: float | None = None,
+        values: list[float] | None = None,
+        validation_metrics: Mapping[str, Any] | None = None,
+        test_metrics: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """POST /trials/{id}/complete with the final value (or values); returns the Trial."""
+        if (value is None) == (values is None):
+            raise ValueError("give exactly one of value (single objective) or values (multi-objective)")
+        body: dict[str, Any] = {"value": value} if values is None else {"values": list(values)}
+        body.update(validation_metrics=dict(validation_metrics or {}), test_metrics=dict(test_metrics or {}),
+                    extra=dict(extra or {}))
+        return self._json("POST", f"/trials/{trial_id}/complete", json=body)
+
+    def fail(self, trial_id: int, reason: str, retryable: bool = False) -> dict[str, Any]:
+        """POST /trials/{id}/fail; a retryable failure re-queues the same parameters."""
+        return self._json("POST", f"/trials/{trial_id}/fail", json={"reason": reason, "retryable": retryable})
+
+    # -- tokens ---------------------------------------------------------------------------------
+
+    def create_token(self, name: str, role: str) -> dict[str, Any]:
+        """POST /tokens (admin): `{id, name, role, token}`; the plain token is shown only here."""
+        return self._json("POST", "/tokens", json={"name": name, "role": role})
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        """GET /tokens (admin): `[{id, name, role, created_at, revoked}]`."""
+        return self._json("GET", "/tokens")
+
+    def revoke_token(self, token_id: int) -> None:
+        """DELETE /tokens/{id} (admin); raises NotFoundError."""
+        self.request("DELETE", f"/tokens/{token_id}")
+
+
+def _artifact_path(trial_id: int, name: str) -> str:
+    # Keep the slashes of nested names (adapter/adapter_model.safetensors), escape everything else.
+    return f"/trials/{trial_id}/artifacts/{quote(name, safe='/')}"
+
+
+def _retry_after_seconds(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None

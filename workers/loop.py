@@ -1,0 +1,411 @@
+"""The worker's pull loop: lease a trial, train it, report at each rung, complete or fail, repeat.
+
+Torch-free: training is behind the `Trainer` protocol. `HFTrainer` adapts the real trainer
+(`workers.training.run_trial`, imported lazily); `workers.simulated.SimulatedTrainer` is the
+torch-free stand-in for tests and benchmarks.
+
+What the loop promises:
+- it never crashes on a lost server: the client retries with backoff, and when it gives up the loop
+  logs and tries again (every write is idempotent on the server, so a repeat is harmless);
+- a background thread heartbeats every `heartbeat_interval` seconds of the lease; when the server
+  answers `stop: true` (study paused/stopped, trial no longer ours) training is asked to stop;
+- SIGTERM/SIGINT ask training to stop; the trial is failed as retryable ("worker shutting down"),
+  so its parameters are re-queued, and the loop exits. A second signal kills at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol, TypeVar
+
+from service.client import ApiError, AuthError, Client, ConflictError, NotFoundError, ServerUnavailable
+from workers.errors import TrialFailed, TrialInterrupted
+
+__all__ = [
+    "HFTrainer",
+    "Outcome",
+    "ReportFn",
+    "Trainer",
+    "TrialResult",
+    "WorkerLoop",
+    "default_worker_id",
+    "device_info",
+    "visible_gpus",
+]
+
+log = logging.getLogger("tunefleet.worker")
+
+T = TypeVar("T")
+# 500s in a row on one trial write before the loop gives up on it and moves on.
+MAX_SERVER_ERRORS = 3
+# report(step, value, metrics) -> True when the server says "prune".
+ReportFn = Callable[[int, float, dict[str, Any]], bool]
+
+
+class Outcome(Protocol):
+    """What a trainer returns; `workers.training.TrialOutcome` and `TrialResult` have this shape."""
+
+    pruned: bool
+    value: float | None
+    values: list[float] | None
+    validation_metrics: dict[str, Any]
+    test_metrics: dict[str, Any]
+    extra: dict[str, Any]
+    artifact_dir: Path | None
+
+
+@dataclass
+class TrialResult:
+    """A plain `Outcome`, for trainers that do not bring their own."""
+
+    pruned: bool = False
+    value: float | None = None
+    values: list[float] | None = None
+    validation_metrics: dict[str, Any] = field(default_factory=dict)
+    test_metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    artifact_dir: Path | None = None
+
+
+class Trainer(Protocol):
+    """Runs one leased trial.
+
+    Calls `report` at each of `lease["rungs"]` and returns `Outcome(pruned=True)` as soon as it
+    answers True; checks `should_stop()` often and raises `TrialInterrupted` when it is set; raises
+    `TrialFailed` (with `reason`, `retryable`) when the parameters cannot be trained.
+    """
+
+    def run(
+        self, lease: Mapping[str, Any], report: ReportFn, should_stop: Callable[[], bool], workdir: Path
+    ) -> Outcome: ...
+
+
+class HFTrainer:
+    """The real trainer (transformers + PEFT), imported lazily; keeps one model cache across trials."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._cache: Any = None
+
+    def run(
+        self, lease: Mapping[str, Any], report: ReportFn, should_stop: Callable[[], bool], workdir: Path
+    ) -> Outcome:
+        from workers.models import ModelCache  # torch: only in processes that train
+        from workers.training import run_trial
+
+        if self._cache is None:
+            self._cache = ModelCache()
+        return run_trial(lease["spec"], lease["params"], lease["rungs"], report, device=self.device,
+                         workdir=workdir, model_cache=self._cache, should_stop=should_stop)
+
+
+class _Heartbeat:
+    """Heartbeats one trial from a daemon thread until stopped; `stop_requested` is set on `stop: true`."""
+
+    def __init__(self, client: Client, trial_id: int, worker_id: str, interval: float):
+        self.client, self.trial_id, self.worker_id, self.interval = client, trial_id, worker_id, interval
+        self.stop_requested = threading.Event()
+        self.reason: str | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop heartbeating (before the final write: the trial is about to leave RUNNING)."""
+        self._done.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            try:
+                answer = self.client.heartbeat(self.trial_id, self.worker_id)
+            except (NotFoundError, ConflictError) as exc:
+                self._request_stop(f"the server no longer knows this lease: {exc.message}")
+                return
+            except ApiError as exc:  # the server is away: keep training, the lease has slack
+                log.warning("trial %s: heartbeat failed (%s); will try again", self.trial_id, exc.message)
+                continue
+            if answer.get("stop"):
+                self._request_stop(answer.get("reason") or "the server asked this trial to stop")
+                return
+
+    def _request_stop(self, reason: str) -> None:
+        self.reason = reason
+        log.warning("trial %s: stopping: %s", self.trial_id, reason)
+        self.stop_requested.set()
+
+
+class WorkerLoop:
+    """Pulls trials from one server and runs them with `trainer` until told to stop.
+
+    `max_trials` ends the loop after that many leased trials; `once` ends it at the first moment
+    there is no work (otherwise it sleeps `idle_sleep` seconds and asks again). Each trial runs in
+    its own folder under `workdir`, removed once its artifacts are uploaded.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        trainer: Trainer,
+        *,
+        worker_id: str,
+        device: str,
+        max_trials: int | None = None,
+        once: bool = False,
+        idle_sleep: float = 2.0,
+        workdir: Path,
+        hostname: str | None = None,
+        keep_trial_dirs: bool = False,
+    ):
+        self.client = client
+        self.trainer = trainer
+        self.worker_id = worker_id
+        self.device = device
+        self.max_trials = max_trials
+        self.once = once
+        self.idle_sleep = idle_sleep
+        self.workdir = Path(workdir)
+        self.hostname = hostname or socket.gethostname()
+        self.keep_trial_dirs = keep_trial_dirs
+        self.trials_run = 0
+        self._shutdown = threading.Event()
+        self._device_info = device_info(device)
+
+    # -- control --------------------------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        """Ask the loop to stop: the running trial is interrupted and re-queued, then run() returns."""
+        self._shutdown.set()
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown.is_set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT request a shutdown; a second signal gets the default (immediate) behaviour.
+
+        Must be called from the main thread (Python delivers signals there only).
+        """
+
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            log.warning("%s received: finishing up (send it again to quit at once)", signal.Signals(signum).name)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.request_shutdown()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve trials until shutdown, `max_trials` or (with `once`) no work; returns trials run.
+
+        Raises AuthError when the token is rejected: no retry can fix that.
+        """
+        log.info("worker %s on %s serving %s", self.worker_id, self.device, self.client.base_url)
+        while not self.shutting_down and (self.max_trials is None or self.trials_run < self.max_trials):
+            lease = self._next_lease()
+            if lease is None:
+                if self.once:
+                    log.info("no work left: exiting (--once)")
+                    break
+                self._shutdown.wait(self.idle_sleep)
+                continue
+            self.trials_run += 1
+            self.run_trial(lease)
+        log.info("worker %s done: %d trial(s)", self.worker_id, self.trials_run)
+        return self.trials_run
+
+    def _next_lease(self) -> dict[str, Any] | None:
+        # Returns None both for "no work" and "server away"; only the former ends a --once worker.
+        while not self.shutting_down:
+            try:
+                return self.client.lease(self.worker_id, self._device_info, self.hostname)
+            except AuthError:
+                raise
+            except ApiError as exc:
+                log.warning("lease failed (%s); retrying in %.0f s", exc.message, self.idle_sleep)
+                self._shutdown.wait(self.idle_sleep)
+        return None
+
+    def run_trial(self, lease: Mapping[str, Any]) -> None:
+        """Run one leased trial to its end and tell the server how it ended; never raises ApiError."""
+        trial_id = int(lease["trial_id"])
+        trial_dir = self.workdir / f"trial-{trial_id}"
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        log.info("trial %s (study %s #%s, attempt %s): params %s", trial_id, lease.get("study_name"),
+                 lease.get("number"), lease.get("attempt", 0), lease.get("params"))
+        interval = float(lease.get("heartbeat_interval") or 20)
+        try:
+            with _Heartbeat(self.client, trial_id, self.worker_id, interval) as heartbeat:
+                self._train_and_finish(lease, trial_dir, heartbeat, started)
+        finally:
+            if not self.keep_trial_dirs:
+                shutil.rmtree(trial_dir, ignore_errors=True)
+
+    def _train_and_finish(self, lease: Mapping[str, Any], trial_dir: Path, heartbeat: _Heartbeat,
+                          started: float) -> None:
+        trial_id = int(lease["trial_id"])
+
+        def should_stop() -> bool:
+            return self.shutting_down or heartbeat.stop_requested.is_set()
+
+        def report(step: int, value: float, metrics: dict[str, Any]) -> bool:
+            prune = self._persist(lambda: self.client.report(trial_id, step, value, metrics), f"report {step}")
+            if prune is None and not self.shutting_down:
+                prune = True  # the server refused: the trial is no longer ours, training it is wasted
+            log.info("trial %s: step %s value %.5g%s", trial_id, step, value, " -> prune" if prune else "")
+            return bool(prune)
+
+        try:
+            outcome = self.trainer.run(lease, report, should_stop, trial_dir)
+        except TrialInterrupted:
+            heartbeat.stop()
+            reason = "worker shutting down" if self.shutting_down else f"stopped by the server: {heartbeat.reason}"
+            self._fail(trial_id, reason, retryable=True)
+            return
+        except AuthError:
+            raise  # from the report callback: a rejected token ends the worker
+        except TrialFailed as exc:
+            heartbeat.stop()
+            log.error("trial %s failed (%s): %s", trial_id, type(exc).__name__, exc.reason)
+            self._fail(trial_id, exc.reason, retryable=exc.retryable)
+            return
+        except Exception as exc:  # a bug or an unexpected library error: report it, keep serving
+            heartbeat.stop()
+            log.exception("trial %s crashed", trial_id)
+            self._fail(trial_id, _summarise(exc), retryable=True)
+            return
+        seconds = time.monotonic() - started
+        if outcome.pruned:
+            log.info("trial %s pruned after %.1f s", trial_id, seconds)
+            return
+        self._complete(trial_id, outcome, seconds, heartbeat)
+
+    def _complete(self, trial_id: int, outcome: Outcome, seconds: float, heartbeat: _Heartbeat) -> None:
+        # Uploads may take long: the heartbeat keeps the lease alive until the final write.
+        for path, name in _artifact_files(outcome.artifact_dir):
+            self._persist(lambda p=path, n=name: self.client.upload_artifact(trial_id, n, p), f"upload {name}")
+        heartbeat.stop()
+        extra = {"train_seconds": round(seconds, 3), **(outcome.extra or {})}
+        self._persist(
+            lambda: self.client.complete(trial_id, value=outcome.value, values=outcome.values,
+                                         validation_metrics=outcome.validation_metrics,
+                                         test_metrics=outcome.test_metrics, extra=extra),
+            "complete",
+        )
+        log.info("trial %s complete: value %s in %.1f s", trial_id,
+                 outcome.value if outcome.values is None else outcome.values, seconds)
+
+    def _fail(self, trial_id: int, reason: str, *, retryable: bool) -> None:
+        log.warning("trial %s: fail (retryable=%s): %s", trial_id, retryable, reason)
+        self._persist(lambda: self.client.fail(trial_id, reason, retryable), "fail")
+
+    def _persist(self, call: Callable[[], T], what: str) -> T | None:
+        """Call until the server answers: trial writes are idempotent, so repeats are safe.
+
+        Gives up (returning None) on shutdown, when the server says the trial is not ours any more
+        (404/409: pruned, expired, deleted), on any other 4xx, or after `MAX_SERVER_ERRORS` 500s.
+        Raises AuthError: a rejected token ends the worker.
+        """
+        server_errors = 0
+        while True:
+            try:
+                return call()
+            except AuthError:
+                raise
+            except (NotFoundError, ConflictError) as exc:
+                log.warning("%s: the server refused (%s); moving on", what, exc.message)
+                return None
+            except ServerUnavailable as exc:
+                if self.shutting_down:
+                    log.error("%s lost: server unreachable during shutdown (%s)", what, exc.message)
+                    return None
+                log.warning("%s: server unreachable (%s); retrying", what, exc.message)
+            except ApiError as exc:
+                # A 4xx will not change on a repeat; a 500 might be a passing database hiccup.
+                server_errors += 1
+                if (exc.status_code or 500) < 500 or server_errors > MAX_SERVER_ERRORS:
+                    log.error("%s failed (%s); giving up: the lease will expire and the server "
+                              "re-queues the trial", what, exc.message)
+                    return None
+                log.warning("%s: server error (%s); retrying", what, exc.message)
+            self._shutdown.wait(self.idle_sleep)
+
+
+def _artifact_files(artifact_dir: Path | None) -> Iterator[tuple[Path, str]]:
+    """Every file under `artifact_dir` with its relative POSIX name (`adapter/adapter_model.safetensors`)."""
+    if artifact_dir is None or not Path(artifact_dir).is_dir():
+        return
+    root = Path(artifact_dir)
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            yield path, path.relative_to(root).as_posix()
+
+
+def _summarise(exc: BaseException, limit: int = 2000) -> str:
+    """`Type: message` first, then the innermost frames of the traceback, short enough for a fail reason."""
+    frames = "".join(traceback.format_tb(exc.__traceback__, limit=-3))
+    return f"{type(exc).__name__}: {exc}\n{frames}"[:limit]
+
+
+# -- devices: which device this worker trains on, described without importing torch -------------
+
+
+def visible_gpus() -> list[int]:
+    """Indices of the CUDA devices this process may use (CUDA_VISIBLE_DEVICES, else nvidia-smi)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        entries = [v for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+        return list(range(len(entries)))
+    return list(range(len(_nvidia_smi(["--query-gpu=index", "--format=csv,noheader"]))))
+
+
+def device_info(device: str) -> dict[str, Any]:
+    """`{"type", "name", "memory_mb"}` for the lease request; best effort, never raises."""
+    if not device.startswith("cuda"):
+        return {"type": "cpu", "name": socket.gethostname(), "cpus": os.cpu_count()}
+    index = int(device.partition(":")[2] or 0)
+    info: dict[str, Any] = {"type": "cuda", "index": index}
+    # cuda:i counts visible devices; nvidia-smi counts physical ones.
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    physical = int(visible[index]) if index < len(visible) and visible[index].isdigit() else index
+    rows = _nvidia_smi(["--query-gpu=name,memory.total", "--format=csv,noheader,nounits"])
+    if physical < len(rows):
+        name, _, memory = rows[physical].rpartition(",")
+        info.update(name=name.strip(), memory_mb=int(float(memory)) if memory.strip() else None)
+    return info
+
+
+def _nvidia_smi(args: list[str]) -> list[str]:
+    try:
+        out = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line for line in out.stdout.splitlines() if line.strip()]
+
+
+def default_worker_id(device: str, hostname: str | None = None) -> str:
+    """`<hostname>-<device>` (e.g. `node1-cuda0`), unique per GPU of a node."""
+    return f"{hostname or socket.gethostname()}-{device.replace(':', '')}"
