@@ -718,11 +718,11 @@ def _run_worker_fleet(url: str, token: str | None, indices: list[int], options: 
 
 @command(app)
 def demo(
-    trials: Annotated[int, typer.Option(help="Trials in the demo study.")] = 12,
-    workers: Annotated[int, typer.Option(help="Worker processes.")] = 2,
-    port: Annotated[int, typer.Option(help="Port of the demo server.")] = 8000,
+    trials: Annotated[int, typer.Option(help="Trials in the demo study.")] = 16,
+    workers: Annotated[int, typer.Option(help="Worker processes (one per GPU; on a CPU one uses every core).")] = 1,
+    port: Annotated[int, typer.Option(help="Port of the demo server (0: any free port).")] = 0,
 ) -> None:
-    """End to end on this machine: a server, workers and a small fine-tuning study."""
+    """A real tuning study end to end on this machine: server, worker, study, progress, result."""
     from workers.demo import run_demo
 
     run_demo(trials=trials, workers=workers, port=port)
