@@ -1,0 +1,275 @@
+"""Tasks by name: which model class to load, how to tokenize examples, which metrics to compute.
+
+`TASKS` maps the spec's `task` to a `Task`; a new task is one class plus one entry. Each task's
+metric names are exactly `service.spec.TASK_METRICS[task]` (the Trainer adds `loss`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from workers.data import Splits, label_vocabulary
+from workers.errors import DataError
+from workers.evaluation import attribute_metrics, classification_metrics, entity_metrics, parse_json_object
+
+__all__ = ["TASKS", "CausalLM", "Prepared", "SequenceClassification", "Task", "TokenClassification", "get_task"]
+
+IGNORE = -100  # label id the loss and the metrics skip
+
+
+@dataclass
+class Prepared:
+    """Tokenized splits (lists of feature dicts) ready for the Trainer, and what evaluation needs."""
+
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+    label_names: list[str] | None = None
+    # causal-lm: per split, (prompt token ids, target attribute object) for greedy generation
+    references: dict[str, list[tuple[list[int], dict[str, Any]]]] = field(default_factory=dict)
+    max_new_tokens: int = 0
+
+    def split(self, name: str) -> list[dict[str, Any]]:
+        return {"train": self.train, "validation": self.validation, "test": self.test}[name]
+
+
+class Task:
+    """What differs between tasks; the training loop is shared (workers/training.py)."""
+
+    name: ClassVar[str]
+    auto_class: ClassVar[str]  # transformers Auto* class that loads the base model with this task's head
+    peft_task_type: ClassVar[str]  # peft.TaskType value
+    metrics: ClassVar[tuple[str, ...]]
+    uses_labels: ClassVar[bool] = True  # whether the model gets num_labels / id2label
+
+    def required_fields(self, data: Mapping[str, Any]) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def label_names(self, splits: Splits, data: Mapping[str, Any]) -> list[str] | None:
+        """The label vocabulary over all splits, or None for tasks without class labels."""
+        return None
+
+    def prepare_tokenizer(self, tokenizer: Any) -> None:
+        """Make a (cached, shared) tokenizer usable for this task; must be idempotent."""
+
+    def prepare(self, splits: Splits, tokenizer: Any, data: Mapping[str, Any], label_names: list[str] | None,
+                max_length: int) -> Prepared:
+        raise NotImplementedError
+
+    def compute_metrics(self, label_names: list[str] | None) -> Callable[[Any], dict[str, float]] | None:
+        """A Trainer `compute_metrics` over argmax predictions; None when the Trainer only needs the loss."""
+        return None
+
+    def generation_metrics(self, model: Any, tokenizer: Any, prepared: Prepared, split: str,
+                           batch_size: int) -> dict[str, float]:
+        """Metrics that need generation (causal-lm); {} for tasks scored from logits."""
+        return {}
+
+
+def _label_ids(rows: list[dict[str, Any]], field_name: str, mapping: dict[Any, int]) -> list[int]:
+    return [mapping[row[field_name]] for row in rows]
+
+
+class SequenceClassification(Task):
+    name = "sequence-classification"
+    auto_class = "AutoModelForSequenceClassification"
+    peft_task_type = "SEQ_CLS"
+    metrics = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "loss")
+
+    def required_fields(self, data: Mapping[str, Any]) -> tuple[str, ...]:
+        pair = (data["text_pair"],) if data.get("text_pair") else ()
+        return (data["text"], *pair, data["label"])
+
+    def label_names(self, splits: Splits, data: Mapping[str, Any]) -> list[str]:
+        labels = label_vocabulary(splits, data["label"])
+        if len(labels) < 2:
+            raise DataError(f"field {data['label']!r} has a single value {labels}; classification needs 2+ labels")
+        return labels
+
+    def prepare(self, splits: Splits, tokenizer: Any, data: Mapping[str, Any], label_names: list[str] | None,
+                max_length: int) -> Prepared:
+        from transformers import DataCollatorWithPadding
+
+        assert label_names is not None
+        mapping = {name: i for i, name in enumerate(label_names)}
+        out: dict[str, list[dict[str, Any]]] = {}
+        for split, rows in splits.items():
+            texts = [str(r[data["text"]]) for r in rows]
+            pairs = [str(r[data["text_pair"]]) for r in rows] if data.get("text_pair") else None
+            # No padding here: the collator pads each batch to its own longest example (FINDINGS: 2.9x faster).
+            enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+            labels = _label_ids(rows, data["label"], mapping)
+            out[split] = [{**{k: enc[k][i] for k in enc}, "labels": labels[i]} for i in range(len(rows))]
+        return Prepared(**out, collator=DataCollatorWithPadding(tokenizer), label_names=[str(n) for n in label_names])
+
+    def compute_metrics(self, label_names: list[str] | None) -> Callable[[Any], dict[str, float]]:
+        def compute(pred: Any) -> dict[str, float]:
+            return classification_metrics(np.asarray(pred.predictions).ravel(), np.asarray(pred.label_ids).ravel())
+
+        return compute
+
+
+class TokenClassification(Task):
+    """Attribute extraction as BIO tagging over words; the first sub-token of each word carries its tag."""
+
+    name = "token-classification"
+    auto_class = "AutoModelForTokenClassification"
+    peft_task_type = "TOKEN_CLS"
+    metrics = ("entity_f1", "entity_precision", "entity_recall", "token_accuracy", "loss")
+
+    def required_fields(self, data: Mapping[str, Any]) -> tuple[str, ...]:
+        return (data["tokens"], data["tags"])
+
+    def label_names(self, splits: Splits, data: Mapping[str, Any]) -> list[str]:
+        tags = label_vocabulary(splits, data["tags"], sequence=True)
+        bad = [t for t in tags if not isinstance(t, str) or not (t == "O" or t[:2] in ("B-", "I-"))]
+        if bad:
+            raise DataError(f"field {data['tags']!r} must hold BIO tag strings such as 'B-COLOR', 'I-COLOR', 'O'; "
+                            f"found {bad[:5]}. Map tag ids to their names first")
+        return tags
+
+    def prepare(self, splits: Splits, tokenizer: Any, data: Mapping[str, Any], label_names: list[str] | None,
+                max_length: int) -> Prepared:
+        from transformers import DataCollatorForTokenClassification
+
+        assert label_names is not None
+        if not getattr(tokenizer, "is_fast", False):
+            raise DataError("token-classification needs a fast tokenizer (word_ids); use a model with tokenizer.json")
+        mapping = {name: i for i, name in enumerate(label_names)}
+        out: dict[str, list[dict[str, Any]]] = {}
+        for split, rows in splits.items():
+            words = [[str(w) for w in r[data["tokens"]]] for r in rows]
+            for i, r in enumerate(rows):
+                if len(r[data["tags"]]) != len(words[i]):
+                    raise DataError(f"{split} example {i}: {len(words[i])} tokens but {len(r[data['tags']])} tags; "
+                                    "give one tag per token")
+            enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+            features = []
+            for i, r in enumerate(rows):
+                labels, previous = [], None
+                for word in enc.word_ids(i):
+                    labels.append(IGNORE if word is None or word == previous else mapping[r[data["tags"]][word]])
+                    previous = word
+                features.append({**{k: enc[k][i] for k in enc}, "labels": labels})
+            out[split] = features
+        return Prepared(**out, collator=DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE),
+                        label_names=list(label_names))
+
+    def compute_metrics(self, label_names: list[str] | None) -> Callable[[Any], dict[str, float]]:
+        assert label_names is not None
+
+        def compute(pred: Any) -> dict[str, float]:
+            true_seqs, pred_seqs = [], []
+            for p_row, l_row in zip(np.asarray(pred.predictions), np.asarray(pred.label_ids), strict=True):
+                keep = l_row != IGNORE  # word starts only; truncated words are not scored
+                true_seqs.append([label_names[i] for i in l_row[keep]])
+                pred_seqs.append([label_names[i] if 0 <= i < len(label_names) else "O" for i in p_row[keep]])
+            return entity_metrics(true_seqs, pred_seqs)
+
+        return compute
+
+
+class CausalLM(Task):
+    """Generative attribute extraction: prompt → JSON object; trained on prompt+target, loss on the target only."""
+
+    name = "causal-lm"
+    auto_class = "AutoModelForCausalLM"
+    peft_task_type = "CAUSAL_LM"
+    metrics = ("exact_match", "attribute_f1", "attribute_precision", "attribute_recall", "loss")
+    uses_labels = False
+    max_new_tokens_cap = 256
+
+    def required_fields(self, data: Mapping[str, Any]) -> tuple[str, ...]:
+        return (data["prompt"], data["target"])
+
+    def prepare_tokenizer(self, tokenizer: Any) -> None:
+        # Encoder tokenizers (e.g. WordPiece) have no eos: [SEP] ends the answer instead.
+        if tokenizer.eos_token is None:
+            tokenizer.eos_token = tokenizer.sep_token or tokenizer.pad_token
+        if tokenizer.eos_token is None:
+            raise DataError("the tokenizer has no eos, sep or pad token to end a generated answer")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @staticmethod
+    def _target(value: Any, where: str) -> dict[str, Any]:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: target is not JSON ({exc.msg}); give a JSON object of attributes") from exc
+        if not isinstance(value, dict):
+            raise DataError(f"{where}: target must be a JSON object of attributes, got {type(value).__name__}")
+        return value
+
+    def prepare(self, splits: Splits, tokenizer: Any, data: Mapping[str, Any], label_names: list[str] | None,
+                max_length: int) -> Prepared:
+        from transformers import DataCollatorForSeq2Seq
+
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        eos = [tokenizer.eos_token_id]
+        out: dict[str, list[dict[str, Any]]] = {}
+        references: dict[str, list[tuple[list[int], dict[str, Any]]]] = {}
+        longest_target = 0
+        for split, rows in splits.items():
+            features, refs = [], []
+            for i, r in enumerate(rows):
+                target = self._target(r[data["target"]], f"{split} example {i}")
+                target_ids = tokenizer(json.dumps(target, ensure_ascii=False), add_special_tokens=False)["input_ids"]
+                target_ids = target_ids[: max_length // 2] + eos
+                prompt_ids = bos + tokenizer(str(r[data["prompt"]]), add_special_tokens=False)["input_ids"]
+                # Keep the end of a long prompt: it is nearest to the answer.
+                prompt_ids = prompt_ids[-(max_length - len(target_ids)):]
+                features.append({"input_ids": prompt_ids + target_ids, "attention_mask": [1] * (len(prompt_ids)
+                                 + len(target_ids)), "labels": [IGNORE] * len(prompt_ids) + target_ids})
+                refs.append((prompt_ids, target))
+                if split == "train":
+                    longest_target = max(longest_target, len(target_ids))
+            out[split], references[split] = features, refs
+        return Prepared(**out, collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE),
+                        references=references, max_new_tokens=min(longest_target + 8, self.max_new_tokens_cap))
+
+    def generation_metrics(self, model: Any, tokenizer: Any, prepared: Prepared, split: str,
+                           batch_size: int) -> dict[str, float]:
+        refs = prepared.references[split]
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        predictions: list[dict[str, Any] | None] = []
+        try:
+            with torch.no_grad():
+                for start in range(0, len(refs), batch_size):
+                    batch = [p for p, _ in refs[start:start + batch_size]]
+                    width = max(map(len, batch))
+                    # Left padding, so every prompt ends where generation starts.
+                    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch], device=device)
+                    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+                    generated = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                               max_new_tokens=prepared.max_new_tokens,
+                                               pad_token_id=tokenizer.pad_token_id,
+                                               eos_token_id=tokenizer.eos_token_id)
+                    texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+                    predictions.extend(parse_json_object(t) for t in texts)
+        finally:
+            model.train(was_training)
+        return attribute_metrics([t for _, t in refs], predictions)
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (SequenceClassification(), TokenClassification(), CausalLM())}
+
+
+def get_task(name: str) -> Task:
+    """The task registered under `name`; raises InvalidConfig for an unknown one."""
+    from workers.errors import InvalidConfig
+
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise InvalidConfig(f"unknown task {name!r}; use one of {', '.join(TASKS)}") from None

@@ -1,0 +1,443 @@
+"""Run one trial: data → model + method → HF Trainer, evaluating and reporting at each rung.
+
+`run_trial` is what the pull loop calls (workers/loop.py); it never talks HTTP. The server's rungs
+are percents of the trial's training budget (its total optimizer steps); when progress reaches a
+rung the validation split is evaluated and `report(percent, objective, metrics)` is called. A True
+answer ("prune") stops training at once. At the end the validation metrics of the 100% rung are the
+trial's result and the test split is evaluated once — test never feeds pruning or selection.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import resource
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback
+
+from workers.data import Splits, load_splits
+from workers.errors import InvalidConfig, NonFiniteLoss, OutOfMemory, TrialFailed, TrialInterrupted
+from workers.methods import apply_method, count_parameters, save_model
+from workers.models import ModelCache
+from workers.tasks import Prepared, Task, get_task
+
+__all__ = ["DEFAULTS", "TrialOutcome", "resolve_config", "run_trial"]
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[int, float, dict[str, float]], bool]
+
+# Values used for every catalog parameter (service.spec.TRAINING_PARAMS) a study neither fixes nor
+# searches. "Library defaults" for LoRA (peft / HF examples), so a spec's baseline means something.
+DEFAULTS: dict[str, Any] = {
+    "method": "lora",
+    "learning_rate": 5e-5,
+    "weight_decay": 0.0,
+    "warmup_ratio": 0.0,
+    "lr_scheduler": "linear",
+    "optimizer": "adamw_torch",
+    "adam_beta2": 0.999,
+    "max_grad_norm": 1.0,
+    "per_device_batch_size": 16,
+    "gradient_accumulation_steps": 1,
+    "num_epochs": 1.0,
+    "max_steps": None,  # None: num_epochs decides the budget
+    "max_seq_length": 128,
+    "train_size": None,  # None: all training examples
+    "lora_r": 8,
+    "lora_alpha": None,  # None: 2 × lora_r
+    "lora_dropout": 0.1,
+    "lora_target_modules": None,  # None: peft's per-architecture default
+    "partial_top_k": 2,
+    "label_smoothing": 0.0,
+    "precision": "auto",
+    "eval_batch_size": 64,
+    "seed": None,  # None: the spec's seed
+}
+
+
+@dataclass
+class TrialOutcome:
+    """What a finished (or pruned) trial produced; the loop sends it to `complete` (or acknowledges a prune)."""
+
+    pruned: bool  # True if report() returned True at some rung
+    value: float | None  # single objective on validation at the end (None if pruned or multi-objective)
+    values: list[float] | None  # multi-objective: one per spec objective, in spec order (else None)
+    validation_metrics: dict[str, float]  # at the end; for a pruned trial, at the rung that pruned it
+    test_metrics: dict[str, float]  # empty when pruned: the test split is never evaluated early
+    extra: dict[str, float]
+    artifact_dir: Path | None  # adapter or model (safetensors) + trainer_log.json + data_splits.json
+    data_splits: dict[str, Any] = field(default_factory=dict)  # source, seed, sizes of the splits
+
+
+def resolve_config(spec: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """The effective training config `{**DEFAULTS, **spec['fixed'], **params}`; raises InvalidConfig."""
+    unknown = sorted(set(spec.get("fixed") or {}).union(params) - set(DEFAULTS))
+    if unknown:
+        raise InvalidConfig(f"unknown training parameters {unknown}; known: {', '.join(DEFAULTS)}")
+    config = {**DEFAULTS, **(spec.get("fixed") or {}), **params}
+    if config["seed"] is None:
+        config["seed"] = int(spec.get("seed", 0))
+    if config["lora_alpha"] is None:
+        config["lora_alpha"] = 2 * int(config["lora_r"])
+    if not 0 <= float(config["warmup_ratio"]) < 1:
+        raise InvalidConfig(f"warmup_ratio={config['warmup_ratio']} must be in [0, 1)")
+    return config
+
+
+def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], report: Report, *,
+              device: str = "cpu", workdir: Path, model_cache: ModelCache | None = None,
+              should_stop: Callable[[], bool] = lambda: False) -> TrialOutcome:
+    """Train and evaluate one trial of `spec` with `params`, reporting at each rung percent.
+
+    `report(percent, objective_value, metrics)` returns True to prune. `should_stop()` is polled after
+    every optimizer step and must be cheap (read a flag). `device` is "cpu" or "cuda[:N]"
+    (CUDA_VISIBLE_DEVICES is the simplest way to give a worker one GPU).
+    Raises TrialInterrupted when should_stop() turns True, and TrialFailed subclasses: InvalidConfig,
+    DataError, ModelLoadError, OutOfMemory, NonFiniteLoss (none retryable).
+    """
+    started = time.perf_counter()
+    config = resolve_config(spec, params)
+    task = get_task(spec["task"])
+    cache = model_cache if model_cache is not None else ModelCache(max_models=1)
+    _use_device(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    set_seed(config["seed"])
+    splits, tokenizer, label_names, prepared = _prepare_data(spec, config, task, cache)
+    loaded = cache.model(spec["model"], task, label_names, seed=config["seed"])
+    if not task.uses_labels and getattr(loaded.model.config, "pad_token_id", None) is None:
+        loaded.model.config.pad_token_id = tokenizer.pad_token_id
+    if should_stop():
+        raise TrialInterrupted("asked to stop before training started")
+    model = apply_method(loaded.model, config, task)
+    trainable, total_params = count_parameters(model)
+    log.info("trial: task=%s method=%s trainable=%d/%d params; splits %s", task.name, config["method"],
+             trainable, total_params, splits.record["sizes"])
+
+    callback = _RungCallback(rungs, report, _objectives(spec), task.metrics, should_stop)
+    trainer = None
+    try:
+        with _device_errors(config, device):  # moving the model to the device can run out of memory too
+            trainer = _make_trainer(model, tokenizer, task, prepared, label_names, config, device, workdir, callback)
+            train_output = trainer.train()
+            callback.raise_if_stopped()
+            if callback.pruned_at is None:
+                if callback.last_step != trainer.state.global_step:  # rungs ended before 100%: evaluate now
+                    trainer.evaluate()
+                test = trainer.evaluate(prepared.test, metric_key_prefix="test")
+        extra = _extra(train_output.metrics, trainer, callback, loaded, device, started, trainable, total_params)
+        if callback.pruned_at is not None:
+            log.info("pruned at %d%%", callback.pruned_at)
+            return TrialOutcome(True, None, None, callback.last_metrics, {}, extra, None, splits.record)
+        artifact = _save_artifact(workdir, model, tokenizer, trainer, splits.record)
+        extra["gpu_hours"] = (time.perf_counter() - started) / 3600
+        # The test-set size lets the fidelity report put a confidence interval on tuned vs baseline.
+        test_metrics = {**_strip(test, "test", task.metrics), "n_examples": len(prepared.test)}
+        return _completed(spec, callback.last_metrics, test_metrics, extra, artifact, splits.record)
+    finally:
+        # Release device memory before the next trial, whatever happened.
+        del trainer, model, loaded
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def _prepare_data(spec: Mapping[str, Any], config: Mapping[str, Any], task: Task, cache: ModelCache
+                  ) -> tuple[Splits, Any, list[str] | None, Prepared]:
+    """Splits, the (cached) tokenizer, the label vocabulary and the tokenized splits."""
+    data = _data_section(spec)
+    splits = load_splits(data, required=task.required_fields(data), train_size=config["train_size"])
+    tokenizer = cache.tokenizer(spec.get("tokenizer") or spec["model"])
+    task.prepare_tokenizer(tokenizer)
+    label_names = task.label_names(splits, data)
+    return splits, tokenizer, label_names, task.prepare(splits, tokenizer, data, label_names,
+                                                        int(config["max_seq_length"]))
+
+
+def _completed(spec: Mapping[str, Any], validation: dict[str, float], test: dict[str, float],
+               extra: dict[str, float], artifact: Path, record: dict[str, Any]) -> TrialOutcome:
+    objectives = [validation[name] for name, _ in _objectives(spec)]
+    multi = len(objectives) > 1
+    return TrialOutcome(False, None if multi else objectives[0], objectives if multi else None, validation,
+                        test, extra, artifact, record)
+
+
+def _data_section(spec: Mapping[str, Any]) -> dict[str, Any]:
+    # The spec's own schema fills defaults, so a hand-written dict behaves like a validated spec.
+    from pydantic import ValidationError
+
+    from service.spec import DataSpec
+
+    try:
+        return DataSpec.model_validate(spec["data"]).model_dump()
+    except (ValidationError, KeyError) as exc:
+        raise InvalidConfig(f"the spec's data section is invalid: {exc}") from exc
+
+
+def _objectives(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
+    objective = spec["objective"]
+    items = objective if isinstance(objective, list) else [objective]
+    return [(o["metric"], o.get("direction", "maximize")) for o in items]
+
+
+def _use_device(device: str) -> None:
+    if device == "cpu":
+        return
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        raise InvalidConfig(f"device {device!r} is not available; use 'cpu' or 'cuda[:N]' on a machine with a GPU")
+    if ":" in device:
+        # Trainer places the model on the current CUDA device.
+        torch.cuda.set_device(int(device.split(":", 1)[1]))
+
+
+def _precision(config: Mapping[str, Any], device: str) -> dict[str, bool]:
+    choice = config["precision"]
+    cuda = device.startswith("cuda")
+    if choice == "auto":
+        choice = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if choice == "fp16" and not cuda:
+        raise InvalidConfig("precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+    if choice == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise InvalidConfig("this GPU does not support bf16; use precision fp16 or auto")
+    if choice not in ("fp32", "bf16", "fp16"):
+        raise InvalidConfig(f"unknown precision {choice!r}; use auto, fp32, bf16 or fp16")
+    return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
+
+
+def training_arguments(config: Mapping[str, Any], device: str, output_dir: Path) -> Any:
+    """TrainingArguments for `config` (transformers 5 names); no checkpoints, no progress bars."""
+    try:
+        return TrainingArguments(
+            output_dir=str(output_dir),
+            per_device_train_batch_size=int(config["per_device_batch_size"]),
+            per_device_eval_batch_size=int(config["eval_batch_size"]),
+            gradient_accumulation_steps=int(config["gradient_accumulation_steps"]),
+            learning_rate=float(config["learning_rate"]),
+            weight_decay=float(config["weight_decay"]),
+            warmup_steps=float(config["warmup_ratio"]),  # a float below 1 is a ratio of the total steps
+            lr_scheduler_type=config["lr_scheduler"],
+            optim=config["optimizer"],
+            adam_beta2=float(config["adam_beta2"]),
+            max_grad_norm=float(config["max_grad_norm"]),
+            num_train_epochs=float(config["num_epochs"]),
+            max_steps=int(config["max_steps"]) if config["max_steps"] else -1,
+            label_smoothing_factor=float(config["label_smoothing"]),
+            seed=int(config["seed"]),
+            data_seed=int(config["seed"]),
+            use_cpu=device == "cpu",
+            **_precision(config, device),
+            eval_strategy="no",  # the rung callback decides when to evaluate
+            save_strategy="no",
+            logging_strategy="steps",
+            logging_steps=1,
+            logging_nan_inf_filter=False,  # the filter would hide the NaN we stop on
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+    except ValueError as exc:  # unknown optimizer / scheduler names and inconsistent values
+        raise InvalidConfig(f"invalid training parameters: {exc}") from exc
+
+
+def _make_trainer(model: Any, tokenizer: Any, task: Task, prepared: Prepared, label_names: list[str] | None,
+                  config: Mapping[str, Any], device: str, workdir: Path, callback: _RungCallback) -> _TaskTrainer:
+    compute_metrics = task.compute_metrics(label_names)
+    trainer = _TaskTrainer(
+        model=model,
+        args=training_arguments(config, device, Path(workdir) / "trainer"),
+        train_dataset=prepared.train,
+        eval_dataset=prepared.validation,
+        data_collator=prepared.collator,
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=_argmax if compute_metrics else None,
+        callbacks=[callback],
+        task=task,
+        prepared=prepared,
+    )
+    trainer.remove_callback(PrinterCallback)  # it print()s every log; the callback logs instead
+    return trainer
+
+
+def _argmax(logits: Any, labels: Any) -> Any:
+    # Keep argmax ids, not (N, L, C) logits, across evaluation batches.
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=-1)
+
+
+class _TaskTrainer(Trainer):
+    """A Trainer that counts trained examples and adds a task's generation metrics to each evaluation."""
+
+    def __init__(self, *args: Any, task: Task, prepared: Prepared, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.task, self.prepared, self.samples_trained = task, prepared, 0
+
+    def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        self.samples_trained += len(inputs["input_ids"])
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        split = "test" if metric_key_prefix == "test" else "validation"
+        extra = self.task.generation_metrics(self.model, self.processing_class, self.prepared, split,
+                                             self.args.per_device_eval_batch_size)
+        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in extra.items()})
+        return output
+
+
+def _strip(metrics: Mapping[str, Any], prefix: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The task's metrics from a Trainer metrics dict, without the `eval_` / `test_` prefix."""
+    return {n: float(metrics[f"{prefix}_{n}"]) for n in names if f"{prefix}_{n}" in metrics}
+
+
+def _rung_steps(rungs: list[int], total_steps: int) -> dict[int, list[int]]:
+    """Optimizer step at which each rung percent is reached (`ceil(total * pct / 100)`), grouped by step."""
+    due: dict[int, list[int]] = {}
+    for pct in sorted(set(rungs)):
+        step = min(total_steps, max(1, math.ceil(total_steps * pct / 100)))
+        due.setdefault(step, []).append(pct)
+    return due
+
+
+class _RungCallback(TrainerCallback):
+    """Evaluates at rung steps, reports, and stops training on prune, stop, or a non-finite loss."""
+
+    def __init__(self, rungs: list[int], report: Report, objectives: list[tuple[str, str]],
+                 metric_names: tuple[str, ...], should_stop: Callable[[], bool]):
+        self.rungs, self.report, self.objective = rungs, report, objectives[0][0]
+        self.metric_names, self.should_stop = metric_names, should_stop
+        self.due: dict[int, list[int]] = {}
+        self.eval_steps: set[int] = set()
+        self.evaluated: set[int] = set()
+        self.last_step: int | None = None
+        self.last_metrics: dict[str, float] = {}
+        self.pruned_at: int | None = None
+        self.interrupted = False
+        self.non_finite: tuple[int, float] | None = None
+        self.eval_seconds = 0.0
+        self._eval_started: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # state.max_steps is the Trainer's own budget (max_steps, or epochs × update steps per epoch).
+        self.due = _rung_steps(self.rungs, state.max_steps)
+        self.eval_steps = set(self.due) | {state.max_steps}
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.should_stop():
+            self.interrupted = True
+            control.should_training_stop = True
+        elif state.global_step in self.eval_steps:
+            control.should_evaluate = True
+            self._eval_started = time.perf_counter()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
+               **kwargs: Any) -> None:
+        logs = logs or {}
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.non_finite = (state.global_step, loss)
+            control.should_training_stop = True
+            control.should_evaluate = False
+        if loss is not None:
+            log.info("step %d/%d loss %.4f lr %.3g", state.global_step, state.max_steps, loss,
+                     logs.get("learning_rate", float("nan")))
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
+                    **kwargs: Any) -> None:
+        metrics = metrics or {}
+        # Test evaluations and the repeat that trainer.evaluate() fires after train() are not rungs.
+        if not any(k.startswith("eval_") for k in metrics) or state.global_step in self.evaluated:
+            return
+        self.evaluated.add(state.global_step)
+        if self._eval_started is not None:
+            self.eval_seconds += time.perf_counter() - self._eval_started
+            self._eval_started = None
+        self.last_step, self.last_metrics = state.global_step, _strip(metrics, "eval", self.metric_names)
+        log.info("evaluation at step %d: %s", state.global_step, self.last_metrics)
+        for pct in self.due.get(state.global_step, []):
+            if self.report(pct, self.last_metrics[self.objective], dict(self.last_metrics)):
+                self.pruned_at = pct
+                control.should_training_stop = True
+                break
+
+    def raise_if_stopped(self) -> None:
+        """After train(): turn a non-finite loss or a stop request into its exception."""
+        if self.non_finite is not None:
+            step, loss = self.non_finite
+            raise NonFiniteLoss(f"the training loss became {loss} at step {step}: training diverged. Lower "
+                                "learning_rate (or its search range), add warmup_ratio, or keep max_grad_norm set")
+        if self.interrupted:
+            raise TrialInterrupted("training stopped: the worker was asked to stop")
+
+
+@contextmanager
+def _device_errors(config: Mapping[str, Any], device: str) -> Iterator[None]:
+    """Turn out-of-memory errors into OutOfMemory with what to change."""
+    try:
+        yield
+    except TrialFailed:
+        raise
+    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError too
+        if not (isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()):
+            raise
+        raise OutOfMemory(
+            f"{device} ran out of memory (method {config['method']}, per_device_batch_size "
+            f"{config['per_device_batch_size']}, max_seq_length {config['max_seq_length']}): lower "
+            "per_device_batch_size (raise gradient_accumulation_steps to keep the effective batch), lower "
+            f"max_seq_length, or use method lora. ({str(exc).splitlines()[0][:200]})") from exc
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    # On CPU: the process's peak resident set (Linux reports KiB), across all trials so far.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _extra(train_metrics: Mapping[str, float], trainer: Any, callback: _RungCallback, loaded: Any, device: str,
+           started: float, trainable: int, total_params: int) -> dict[str, float]:
+    train_seconds = float(train_metrics.get("train_runtime", 0.0))
+    # Rung evaluations run inside train(); throughput counts training time only.
+    pure_train = max(train_seconds - callback.eval_seconds, 1e-9)
+    return {
+        "train_seconds": train_seconds,
+        "eval_seconds": callback.eval_seconds,
+        "gpu_hours": (time.perf_counter() - started) / 3600,  # device-hours of the whole trial, one device
+        "peak_memory_mb": _peak_memory_mb(device),
+        "train_samples_per_second": trainer.samples_trained / pure_train,
+        "total_steps": float(trainer.state.max_steps),
+        "steps_done": float(trainer.state.global_step),
+        "model_load_seconds": loaded.load_seconds,
+        "base_model_cached": float(loaded.cached),
+        "trainable_params": float(trainable),
+        "total_params": float(total_params),
+    }
+
+
+def _save_artifact(workdir: Path, model: Any, tokenizer: Any, trainer: Any, record: Mapping[str, Any]) -> Path:
+    """Write the adapter (PEFT) or model, its tokenizer, the Trainer log and the split record."""
+    out = Path(workdir) / "artifact"
+    if out.exists():  # a retried trial in the same workdir starts clean
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    save_model(model, out)
+    tokenizer.save_pretrained(out)
+    (out / "trainer_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    (out / "data_splits.json").write_text(json.dumps(record, indent=1, default=str))
+    return out
