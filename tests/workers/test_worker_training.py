@@ -148,7 +148,6 @@ def test_model_cache_reuses_the_base_model(make_spec, tmp_path, cache):
     second = run_trial(spec, {}, [100], Reports(), workdir=tmp_path / "2", model_cache=cache)
     assert first.extra["base_model_cached"] == 0.0
     assert second.extra["base_model_cached"] == 1.0
-    assert second.extra["model_load_seconds"] < first.extra["model_load_seconds"]
 
 
 def test_cached_copy_is_fresh_and_seeded(tiny_bert, cache):
