@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -91,7 +92,9 @@ def create_study(backend: Backend, data: Any) -> StudyOut:
         raise Conflict(f"an Optuna study named {spec.name!r} already exists in this database: "
                        "pick another name") from None
     try:
-        study.set_metric_names([o.metric for o in spec.objectives])
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard shows
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([o.metric for o in spec.objectives])
         study.set_user_attr("tunefleet_spec", data)
         baseline_id = _enqueue_baseline(study, spec)
         with backend.session() as session:
