@@ -9,17 +9,15 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg2
 import pytest
-import uvicorn
 from sqlalchemy.engine import make_url
 
+from service.api.app import BackgroundServer
 from service.config import Settings
 from service.db import upgrade_database
 
@@ -95,33 +93,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class LiveServer:
+class LiveServer(BackgroundServer):
     """A real uvicorn server on a loopback port, in a thread of the test process."""
 
     def __init__(self, settings: Settings):
         from service.api.app import create_app
 
         self.settings = settings
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
+        super().__init__(self.app)
 
     @property
     def backend(self):  # type: ignore[no-untyped-def]

@@ -49,7 +49,10 @@ def run_demo(trials: int = 16, workers: int = 1, port: int = 0, keep_server: boo
                   f"search    TPE + Hyperband, first rung at 20% of each trial's budget, {trials} trials, "
                   f"baseline {spec['baseline']}")
 
-    with _Server(settings, port) as server, Client(server.url) as client:
+    from service.api.app import BackgroundServer, create_app
+
+    with BackgroundServer(create_app(settings, auth_enabled=False), port=port) as server, \
+            Client(server.url) as client:
         study = client.create_study(spec)
         log_path = home / f"{name}-workers.log"
         procs = _start_workers(server.url, workers, log_path)
@@ -69,41 +72,6 @@ def run_demo(trials: int = 16, workers: int = 1, port: int = 0, keep_server: boo
     _summary(study, report, trial_list, time.monotonic() - started)
     _write_html(settings, study["name"], report, home)
     return {"study": study, "report": report}
-
-
-class _Server:
-    """The API server in a thread of this process, on a loopback port."""
-
-    def __init__(self, settings: Any, port: int):
-        import socket
-        import threading
-
-        import uvicorn
-
-        from service.api.app import create_app
-
-        if not port:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(create_app(settings, auth_enabled=False), host="127.0.0.1", port=port,
-                                log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> _Server:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise SystemExit("the demo server did not start; is the port free?")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 def _start_workers(url: str, n: int, log_path: Path) -> list[subprocess.Popen[bytes]]:

@@ -19,7 +19,7 @@ from service.config import Settings, get_settings, is_loopback
 from service.db import check_database
 from service.errors import DatabaseNotReady, TunefleetError
 
-__all__ = ["create_app", "run_server"]
+__all__ = ["BackgroundServer", "create_app", "run_server"]
 
 log = logging.getLogger("tunefleet.server")
 
@@ -133,3 +133,38 @@ def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+class BackgroundServer:
+    """uvicorn serving an app from a thread of this process, on a loopback port (0: any free port).
+
+    For the demo and the tests: real HTTP, one process. `with BackgroundServer(app) as server: server.url`.
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import socket
+
+        import uvicorn
+
+        if not port:
+            with socket.socket() as sock:
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+        self.port = port
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                    timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, name="tunefleet-server", daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server on {self.url} did not start (is the port free?)")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
