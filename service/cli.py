@@ -244,11 +244,15 @@ def _best_value(study: Mapping[str, Any]) -> Any:
 def server(
     host: Annotated[str | None, typer.Option(help="Interface to bind (default: settings' host, 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: settings' port, 8000)")] = None,
-    migrate: Annotated[bool, typer.Option(help="Upgrade the database schema before serving.")] = True,
+    migrate: Annotated[bool | None, typer.Option(
+        help="Upgrade the database schema before serving. Default: only for the embedded SQLite default; "
+             "a configured database is upgraded with `tunefleet db upgrade`.")] = None,
 ) -> None:
     """Run the API server (uvicorn) on the configured database."""
     from service.api.app import run_server
 
+    if migrate is None:
+        migrate = _settings().database_url is None
     code = run_server(host, port, migrate)  # None: the settings' host and port
     if code:
         raise typer.Exit(code)
