@@ -253,3 +253,15 @@ def test_concurrent_workers_on_the_embedded_sqlite_default(sqlite_url: str, tmp_
     assert codes == [0] * 6
     assert shown["state"] == "completed" and shown["trials_used"] == 24
     assert "RUNNING" not in {t["state"] for t in trials}
+
+
+def test_gpu_hour_budget_stops_new_trials(server: LiveServer) -> None:
+    with Client(server.url) as client:
+        study = client.create_study(study_spec("gpu-budget", baseline=None,
+                                               budget={"max_trials": 50, "max_gpu_hours": 0.5 / 3600}))
+        first = client.lease("w", {}, "h")
+        time.sleep(0.7)  # the lease's wall time passes the half-second budget
+        client.complete(first["trial_id"], value=0.5)
+        assert client.lease("w", {}, "h") is None
+        shown = client.get_study(study["id"])
+    assert shown["state"] == "completed" and shown["gpu_hours"] >= 0.5 / 3600
