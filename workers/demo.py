@@ -110,7 +110,12 @@ def _trial_line(t: dict[str, Any]) -> str:
     rungs = " ".join(f"{k}%:{v:.2f}" for k, v in sorted(t["intermediate_values"].items(), key=lambda kv: int(kv[0])))
     tag = " [cyan](baseline)[/]" if t["is_baseline"] else ""
     colour = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}[t["state"]]
-    end = f"val {t['value']:.3f}" if t["value"] is not None else (t.get("fail_reason") or "")[:60]
+    if t["state"] == "COMPLETE":
+        end = f"val {t['value']:.3f}, test {t['test_metrics'].get('accuracy', float('nan')):.3f}"
+    elif t["state"] == "PRUNED":
+        end = f"stopped at {max(map(int, t['intermediate_values']), default=0)}% of its budget"
+    else:
+        end = (t.get("fail_reason") or "")[:60]
     return f"  #{t['number']:<3} [{colour}]{t['state']:8}[/] {desc:26} {rungs:32} {end}{tag}"
 
 
