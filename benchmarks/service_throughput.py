@@ -143,7 +143,7 @@ def running_server(database_url: str, auth: bool, log: Path) -> Iterator[Server]
     env = {**os.environ, "TUNEFLEET_DATABASE_URL": database_url, "TUNEFLEET_AUTH": str(auth).lower(),
            "TUNEFLEET_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)}
     with log.open("ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", "service.cli", "server", "--port", str(port)],
+        process = subprocess.Popen([sys.executable, "-m", "service.cli", "server", "--migrate", "--port", str(port)],
                                    env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -1,0 +1,657 @@
+"""Search strategies compared on recorded learning curves, at equal total training steps.
+
+Every strategy searches the recording's space; each configuration it proposes is answered by the
+nearest recorded configuration (`workers.replay`), so all strategies see the same real curves and
+no model is trained. Our strategies run through the real server and protocol: one study per
+(strategy, seed) on a uvicorn server in this process, one `WorkerLoop` with a `ReplayTrainer`, the
+trials read back through the client. Peers from PyPI (SMAC3's multi-fidelity facade, DEHB) run
+through a small ask/tell adapter on the same table with the same step accounting.
+
+Compute is optimizer steps: a budget of B full-trial equivalents is B × the mean steps of a recorded
+configuration. A trial stopped at p% of its budget costs ceil(p% × its steps). Peers re-evaluating a
+configuration at a higher fidelity are charged only the extra steps (as if they resumed from a
+checkpoint, which favours them: neither SMAC nor DEHB does so by itself). Only full-budget results
+count as "found": a strategy's incumbent is its best final validation score so far, and we report
+that incumbent's test score too (test never drives the search).
+
+    .venv/bin/python benchmarks/strategies.py --table benchmarks/data/curves-bbc-minilm-v1.jsonl \
+        --seeds 20 --budget-trials 20 --out docs/search_quality_results.md --plot docs/img/anytime_regret.png
+
+`--quick` runs 2 seeds of 3 strategies on a small budget (the tests use it on the synthetic table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import math
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from workers.replay import ReplayTable, ReplayTrainer  # noqa: E402
+
+__all__ = [
+    "FRACTIONS",
+    "STRATEGIES",
+    "Evaluation",
+    "Run",
+    "Strategy",
+    "anytime",
+    "load_runs",
+    "run_benchmark",
+    "save_runs",
+    "summarise",
+]
+
+log = logging.getLogger("tunefleet.bench")
+
+DEFAULT_TABLE = ROOT / "benchmarks" / "data" / "curves-bbc-minilm-v1.jsonl"
+FRACTIONS = (0.25, 0.5, 1.0)  # of the compute budget, for the table
+REFERENCE = "tpe-full"  # the ratio column: compute to reach this strategy's final best
+REGRET_FLOOR = 1e-3  # a 300-example validation set cannot resolve less than 1/300 anyway
+
+
+# -- what a run produces ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One trial (or one peer evaluation) in the order it ran.
+
+    `steps_end` is the cumulative compute when it ended; `final` and `test` are set only for a
+    configuration trained to the full budget (the only results that count as found).
+    """
+
+    steps_end: float
+    final: float | None = None
+    test: float | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    strategy: str
+    seed: int
+    budget_steps: float
+    evaluations: list[Evaluation]
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A named way to search: `run(table, seed, budget_steps, context)` returns its evaluations."""
+
+    name: str
+    label: str
+    run: Callable[[ReplayTable, int, float, BenchContext], list[Evaluation]]
+    peer: bool = False
+    available: Callable[[], str | None] = lambda: None  # why it cannot run here, or None
+
+
+@dataclass
+class BenchContext:
+    """What every run shares: a client of the server (None for peer-only runs) and a scratch folder."""
+
+    client: Any
+    workdir: Path
+
+
+# -- the server side -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def local_server(database_url: str | None = None) -> Iterator[str]:
+    """A real uvicorn server on a loopback port in a thread of this process; yields its URL.
+
+    `database_url` None means a fresh SQLite file in a temporary folder. Raises RuntimeError when
+    the server does not start within 30 s.
+    """
+    import socket
+
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.config import Settings
+    from service.db import upgrade_database
+
+    with tempfile.TemporaryDirectory(prefix="tunefleet-bench-") as home:
+        url = database_url or f"sqlite:///{Path(home) / 'bench.db'}"
+        # Long leases: a replayed trial takes milliseconds, the reaper must never fire.
+        settings = Settings(database_url=url, home=Path(home), auth=False, lease_seconds=600.0,
+                            reaper_interval_seconds=60.0, log_level="warning")
+        upgrade_database(settings)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                               log_level="warning", timeout_graceful_shutdown=5))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the benchmark's server did not start")
+            time.sleep(0.02)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            thread.join(timeout=15)
+
+
+def study_spec_for(table: ReplayTable, name: str, sampler: str, pruner: str, seed: int) -> dict[str, Any]:
+    """The recording's spec as a study: `sampler` × `pruner`, seeded, no baseline, no trial limit.
+
+    Rungs and the first rung follow the spec's own search section (our default: 20%, factor 3).
+    """
+    spec = copy.deepcopy(table.spec)
+    spec["name"] = name
+    spec.pop("baseline", None)  # every strategy starts from nothing: no free known-good trial
+    search = dict(spec.get("search") or {})
+    search.update(sampler=sampler, pruner=pruner, seed=seed)
+    spec["search"] = search
+    spec["budget"] = {"max_trials": 100_000}  # the step budget, not a trial count, ends a run
+    return spec
+
+
+def _server_run(sampler: str, pruner: str) -> Callable[[ReplayTable, int, float, BenchContext], list[Evaluation]]:
+    def run(table: ReplayTable, seed: int, budget_steps: float, ctx: BenchContext) -> list[Evaluation]:
+        from workers.loop import WorkerLoop
+
+        client = ctx.client
+        name = f"bench-{sampler}-{pruner}-s{seed}-{uuid.uuid4().hex[:6]}"
+        study = client.create_study(study_spec_for(table, name, sampler, pruner, seed))
+        loop: WorkerLoop | None = None
+
+        def stop() -> None:
+            assert loop is not None
+            loop.request_shutdown()
+
+        trainer = ReplayTrainer(table, budget_steps=budget_steps, on_budget_spent=stop)
+        loop = WorkerLoop(client, trainer, worker_id=f"replay-{name}", device="cpu", once=True, idle_sleep=0.05,
+                          workdir=ctx.workdir / name)
+        loop.run()
+        with contextlib.suppress(Exception):  # already completed is fine: nothing must lease from it
+            client.stop_study(study["id"])
+        charged: dict[int, float] = {}
+        for entry in trainer.trials:
+            charged[entry["trial_id"]] = charged.get(entry["trial_id"], 0.0) + entry["steps"]
+        evaluations = evaluations_from_trials(table, _all_trials(client, study["id"]), charged)
+        if not evaluations or evaluations[-1].steps_end != trainer.steps_used:
+            raise RuntimeError(f"{name}: the trials read back do not account for the replay clock's "
+                               f"{trainer.steps_used} steps")
+        return evaluations
+
+    return run
+
+
+def _all_trials(client: Any, study_id: int) -> list[dict[str, Any]]:
+    trials: list[dict[str, Any]] = []
+    while True:
+        page = client.list_trials(study_id, limit=1000, offset=len(trials))
+        trials.extend(page["items"])
+        if len(trials) >= page["total"] or not page["items"]:
+            return trials
+
+
+def evaluations_from_trials(table: ReplayTable, trials: Sequence[Mapping[str, Any]],
+                            charged: Mapping[int, float] | None = None) -> list[Evaluation]:
+    """Trials read back from the server, in the order they ran, as evaluations with cumulative steps.
+
+    A trial's steps are `charged[trial id]` when given (the replay clock's own ledger, which also
+    knows about a run the server never heard the end of), else what the replay reported: the
+    `extra.steps_used` of a COMPLETE trial, the `steps_used` metric of a PRUNED trial's last rung.
+    Trials that cost nothing (never run) are left out.
+    """
+    out, total = [], 0.0
+    for trial in sorted(trials, key=lambda t: t["number"]):
+        state = trial["state"]
+        rungs = {int(k): v for k, v in (trial.get("rung_metrics") or {}).items()}
+        if charged is not None:
+            steps = float(charged.get(trial["id"], 0.0))
+        elif state == "COMPLETE":
+            steps = float(trial["extra"]["steps_used"])
+        elif rungs:
+            steps = float(rungs[max(rungs)]["steps_used"])
+        else:
+            steps = 0.0
+        if steps == 0 and state != "COMPLETE":
+            continue
+        total += steps
+        done = state == "COMPLETE"
+        out.append(Evaluation(total, float(trial["value"]) if done else None,
+                              _test_value(table, trial["test_metrics"]) if done else None, trial["params"]))
+    return out
+
+
+def _test_value(table: ReplayTable, test_metrics: Mapping[str, Any]) -> float | None:
+    value = test_metrics.get(table.metric)
+    return None if value is None else float(value)
+
+
+# -- peers from PyPI ---------------------------------------------------------------------------------
+
+
+class _PeerLedger:
+    """Step accounting for ask/tell peers: charges each evaluation the steps beyond what the same
+    proposed configuration already had (resume from a checkpoint), and records full-budget results.
+
+    The credit is keyed by the configuration the peer proposed, not by its recorded neighbour: a new
+    configuration that happens to map to an already-trained recording would be trained from scratch.
+    """
+
+    def __init__(self, table: ReplayTable, budget_steps: float):
+        self.table, self.budget_steps = table, budget_steps
+        self.used = 0.0
+        self.evaluations: list[Evaluation] = []
+        self._reached: dict[str, int] = {}  # proposed configuration -> steps already trained
+
+    @property
+    def spent(self) -> bool:
+        return self.used >= self.budget_steps
+
+    def evaluate(self, params: Mapping[str, Any], pct: float) -> float:
+        """The objective at `pct` percent for `params`' nearest recording, charged; returns a cost to minimise."""
+        record, _ = self.table.nearest(params)
+        key = json.dumps(dict(params), sort_keys=True, default=str)
+        steps = record.steps_at(pct)
+        extra = max(0, steps - self._reached.get(key, 0))
+        self._reached[key] = max(steps, self._reached.get(key, 0))
+        self.used += extra
+        full = pct >= 100
+        self.evaluations.append(Evaluation(self.used, self.table.final(record) if full else None,
+                                           _test_value(self.table, record.test_metrics) if full else None,
+                                           dict(params)))
+        value = record.value_at(pct)
+        return -value if self.table.direction == "maximize" else value
+
+
+def _configspace(table: ReplayTable, seed: int) -> Any:
+    from ConfigSpace import Categorical, ConfigurationSpace, Float, Integer
+
+    cs = ConfigurationSpace(seed=seed)
+    for name, p in table.space.items():
+        if p["type"] == "categorical":
+            cs.add(Categorical(name, list(p["choices"])))
+        elif p["type"] == "int":
+            cs.add(Integer(name, (int(p["low"]), int(p["high"])), log=bool(p.get("log"))))
+        else:
+            cs.add(Float(name, (float(p["low"]), float(p["high"])), log=bool(p.get("log"))))
+    return cs
+
+
+def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
+    # ConfigSpace hands back numpy scalars; the table compares plain Python values.
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in dict(config).items()}
+
+
+def _min_resource_pct(table: ReplayTable) -> float:
+    return 100.0 * float((table.spec.get("search") or {}).get("min_resource", 0.2))
+
+
+def _missing(module: str, install: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        import importlib.util
+
+        return None if importlib.util.find_spec(module) else f"{module} is not installed ({install})"
+
+    return check
+
+
+def _smac_run(table: ReplayTable, seed: int, budget_steps: float, ctx: BenchContext) -> list[Evaluation]:
+    from smac import MultiFidelityFacade, Scenario
+    from smac.runhistory.dataclasses import TrialValue
+
+    ledger = _PeerLedger(table, budget_steps)
+    scenario = Scenario(_configspace(table, seed), deterministic=True, n_trials=100_000,
+                        min_budget=_min_resource_pct(table), max_budget=100.0, seed=seed,
+                        output_directory=ctx.workdir / f"smac-{seed}-{uuid.uuid4().hex[:6]}")
+    intensifier = MultiFidelityFacade.get_intensifier(scenario, eta=3)
+    smac = MultiFidelityFacade(scenario, lambda config, seed=0, budget=100.0: 0.0, intensifier=intensifier,
+                               overwrite=True, logging_level=40)
+    while not ledger.spent:
+        info = smac.ask()
+        cost = ledger.evaluate(_plain(info.config), float(info.budget))
+        smac.tell(info, TrialValue(cost=cost), save=False)
+    return ledger.evaluations
+
+
+def _dehb_run(table: ReplayTable, seed: int, budget_steps: float, ctx: BenchContext) -> list[Evaluation]:
+    from dehb import DEHB
+
+    ledger = _PeerLedger(table, budget_steps)
+    cs = _configspace(table, seed)
+    dehb = DEHB(cs=cs, f=None, dimensions=len(list(cs.values())), min_fidelity=_min_resource_pct(table),
+                max_fidelity=100.0, eta=3, n_workers=1, seed=seed, save_freq="end",
+                output_path=ctx.workdir / f"dehb-{seed}-{uuid.uuid4().hex[:6]}", log_level="WARNING")
+    while not ledger.spent:
+        job = dehb.ask()  # with a ConfigSpace, job["config"] is already a Configuration
+        cost = ledger.evaluate(_plain(job["config"]), float(job["fidelity"]))
+        dehb.tell(job, {"fitness": cost, "cost": 0.0})
+    return ledger.evaluations
+
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy("random-full", "Random, full budget", _server_run("random", "none")),
+        Strategy("tpe-full", "TPE, full budget", _server_run("tpe", "none")),
+        Strategy("tpe-hyperband", "TPE + Hyperband (default)", _server_run("tpe", "hyperband")),
+        Strategy("random-hyperband", "Random + Hyperband", _server_run("random", "hyperband")),
+        Strategy("gp-hyperband", "GP + Hyperband", _server_run("gp", "hyperband")),
+        Strategy("smac-mf", "SMAC3 MultiFidelityFacade (peer)", _smac_run, peer=True,
+                 available=_missing("smac", "pip install smac")),
+        Strategy("dehb", "DEHB (peer)", _dehb_run, peer=True,
+                 available=_missing("dehb", "DEHB 0.1.2 pins numpy<2: pip install --no-deps --target DIR "
+                                    "dehb loguru, then --peer-path DIR")),
+    )
+}
+QUICK = ("random-full", "tpe-full", "tpe-hyperband")
+
+
+def run_benchmark(table: ReplayTable, strategies: Sequence[str], seeds: Sequence[int], budget_trials: float,
+                  *, database_url: str | None = None, progress: Callable[[str], None] = print) -> list[Run]:
+    """Run every strategy for every seed on `table`; returns the runs (skipped strategies are absent).
+
+    Raises KeyError for an unknown strategy name. A strategy whose package is missing is skipped
+    with a message through `progress`.
+    """
+    budget_steps = budget_trials * table.mean_total_steps()
+    chosen = [STRATEGIES[name] for name in strategies]
+    runs: list[Run] = []
+    needs_server = any(not s.peer for s in chosen if s.available() is None)
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tunefleet-bench-")))
+        client = None
+        if needs_server:
+            from service.client import Client
+
+            url = stack.enter_context(local_server(database_url))
+            client = stack.enter_context(Client(url))
+        ctx = BenchContext(client, workdir)
+        for strategy in chosen:
+            why = strategy.available()
+            if why:
+                progress(f"{strategy.name}: skipped: {why}")
+                continue
+            started = time.perf_counter()
+            for seed in seeds:
+                t0 = time.perf_counter()
+                evaluations = strategy.run(table, seed, budget_steps, ctx)
+                runs.append(Run(strategy.name, seed, budget_steps, evaluations, time.perf_counter() - t0))
+            progress(f"{strategy.name}: {len(seeds)} seed(s) in {time.perf_counter() - started:.1f} s")
+    return runs
+
+
+def save_runs(runs: Sequence[Run], path: Path) -> None:
+    """Write runs as JSON (strategy, seed, budget, evaluations), for `load_runs` and `--load`."""
+    data = [{"strategy": r.strategy, "seed": r.seed, "budget_steps": r.budget_steps, "seconds": r.seconds,
+             "evaluations": [[e.steps_end, e.final, e.test, dict(e.params)] for e in r.evaluations]} for r in runs]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def load_runs(path: Path) -> list[Run]:
+    """Runs written by `save_runs`; raises FileNotFoundError, json.JSONDecodeError, KeyError."""
+    return [Run(d["strategy"], d["seed"], d["budget_steps"],
+                [Evaluation(e[0], e[1], e[2], e[3]) for e in d["evaluations"]], d.get("seconds", 0.0))
+            for d in json.loads(path.read_text(encoding="utf-8"))]
+
+
+# -- analysis --------------------------------------------------------------------------------------------
+
+
+def anytime(run: Run, fractions: Sequence[float], direction: str = "maximize") -> tuple[np.ndarray, np.ndarray]:
+    """The incumbent's final validation and test score at each fraction of the budget (NaN before any).
+
+    An evaluation counts at fraction f when it ended within f × budget: the one that crosses the
+    budget is not counted, so no strategy gets more than its share.
+    """
+    sign = 1.0 if direction == "maximize" else -1.0
+    best_val = np.full(len(fractions), np.nan)
+    best_test = np.full(len(fractions), np.nan)
+    for i, fraction in enumerate(fractions):
+        limit = fraction * run.budget_steps + 1e-9
+        done = [e for e in run.evaluations if e.final is not None and e.steps_end <= limit]
+        if done:
+            best = max(done, key=lambda e: sign * e.final)  # first of equals: the earliest found
+            best_val[i], best_test[i] = best.final, np.nan if best.test is None else best.test
+    return best_val, best_test
+
+
+def steps_to_reach(run: Run, target: float, direction: str = "maximize") -> float:
+    """Compute (steps) until a full-budget result at least as good as `target`; inf if never."""
+    for e in run.evaluations:
+        if e.final is not None and (e.final >= target if direction == "maximize" else e.final <= target):
+            return e.steps_end
+    return math.inf
+
+
+def _mean_ci(values: np.ndarray) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval over seeds (NaN-aware; 0 width for one value)."""
+    from scipy import stats
+
+    v = values[np.isfinite(values)]
+    if len(v) == 0:
+        return math.nan, math.nan
+    if len(v) == 1:
+        return float(v[0]), 0.0
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def summarise(runs: Sequence[Run], table: ReplayTable, fractions: Sequence[float] = FRACTIONS) -> list[dict[str, Any]]:
+    """One row per strategy: incumbent validation/test (mean, CI) at each fraction, and the compute ratio.
+
+    The ratio is the median compute a strategy needed to match the reference strategy's (tpe-full)
+    mean final best, divided by the reference's own median; `reached` is the share of seeds that
+    matched it within the budget. Without the reference in `runs` these columns are NaN.
+    """
+    by_strategy: dict[str, list[Run]] = {}
+    for run in runs:
+        by_strategy.setdefault(run.strategy, []).append(run)
+    target = math.nan
+    if REFERENCE in by_strategy:
+        finals = np.array([anytime(r, [1.0], table.direction)[0][0] for r in by_strategy[REFERENCE]])
+        target = float(np.nanmean(finals))
+    reference_median = math.nan
+    rows = []
+    for name, group in by_strategy.items():
+        vals = np.array([anytime(r, fractions, table.direction)[0] for r in group])
+        tests = np.array([anytime(r, fractions, table.direction)[1] for r in group])
+        row: dict[str, Any] = {"strategy": name, "label": STRATEGIES[name].label if name in STRATEGIES else name,
+                               "peer": STRATEGIES[name].peer if name in STRATEGIES else False, "seeds": len(group),
+                               "trials": float(np.mean([len(r.evaluations) for r in group])),
+                               "full_trials": float(np.mean([sum(e.final is not None for e in r.evaluations)
+                                                             for r in group]))}
+        for j, fraction in enumerate(fractions):
+            row[f"val@{fraction:g}"] = _mean_ci(vals[:, j])
+            row[f"test@{fraction:g}"] = _mean_ci(tests[:, j])
+        if math.isfinite(target):
+            steps = np.array([steps_to_reach(r, target, table.direction) / r.budget_steps for r in group])
+            reached = np.isfinite(steps)
+            row["reached"] = float(reached.mean())
+            # Seeds that never matched it count as beyond the budget: the median stays honest.
+            row["median_fraction"] = float(np.median(np.where(reached, steps, np.inf)))
+            if name == REFERENCE:
+                reference_median = row["median_fraction"]
+        rows.append(row)
+    for row in rows:
+        frac = row.get("median_fraction", math.nan)
+        row["ratio"] = frac / reference_median if math.isfinite(reference_median) and reference_median > 0 else math.nan
+    row_target = {"target": target, "oracle": table.best_final()}
+    for row in rows:
+        row.update(row_target)
+    return rows
+
+
+def regret_curves(runs: Sequence[Run], table: ReplayTable, points: int = 101) -> dict[str, np.ndarray]:
+    """Per strategy, an array (seeds × points) of simple regret (oracle final − incumbent final) over
+    fractions of the budget 0..1; NaN before a strategy's first full-budget result."""
+    grid = np.linspace(0, 1, points)
+    oracle = table.best_final()
+    sign = 1.0 if table.direction == "maximize" else -1.0
+    out: dict[str, list[np.ndarray]] = {}
+    for run in runs:
+        val, _ = anytime(run, grid, table.direction)
+        out.setdefault(run.strategy, []).append(sign * (oracle - val))
+    return {name: np.array(rows) for name, rows in out.items()}
+
+
+def plot_regret(runs: Sequence[Run], table: ReplayTable, path: Path, title: str = "") -> Path:
+    """Mean simple regret with a 95% band over seeds against the fraction of compute, one line per strategy.
+
+    A strategy's line starts once every seed has a full-budget result (before that regret is undefined).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy import stats
+
+    curves = regret_curves(runs, table)
+    grid = np.linspace(0, 1, next(iter(curves.values())).shape[1])
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, rows in curves.items():
+        defined = np.isfinite(rows).all(axis=0)
+        mean = rows.mean(axis=0)
+        n = rows.shape[0]
+        half = stats.t.ppf(0.975, max(n - 1, 1)) * rows.std(axis=0, ddof=1 if n > 1 else 0) / math.sqrt(n)
+        style = "--" if STRATEGIES.get(name) and STRATEGIES[name].peer else "-"
+        label = STRATEGIES[name].label if name in STRATEGIES else name
+        ax.plot(grid[defined] * 100, np.maximum(mean, REGRET_FLOOR)[defined], style, label=label)
+        # Regret is never negative: the t-band is clipped at the plot's floor (log scale).
+        low = np.maximum(mean - half, REGRET_FLOOR)
+        ax.fill_between(grid[defined] * 100, low[defined], (mean + half)[defined], alpha=0.15)
+    ax.set_xlabel("compute used (% of the budget, in optimizer steps)")
+    ax.set_ylabel(f"regret: best recorded − incumbent final validation {table.metric}")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=REGRET_FLOOR)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Anytime regret (mean and 95% CI over seeds)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _cell(pair: tuple[float, float], digits: int = 3) -> str:
+    mean, half = pair
+    return "–" if not math.isfinite(mean) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], fractions: Sequence[float] = FRACTIONS) -> str:
+    """The summary as a markdown table (best validation and its test at each fraction, ratio)."""
+    head = ["strategy", "trials (full)"]
+    for f in fractions:
+        head += [f"val @{f:.0%}", f"test @{f:.0%}"]
+    head += ["compute to reach TPE-full's final (median, reached)", "ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["label"], f"{row['trials']:.0f} ({row['full_trials']:.0f})"]
+        for f in fractions:
+            cells += [_cell(row[f"val@{f:g}"]), _cell(row[f"test@{f:g}"])]
+        frac = row.get("median_fraction", math.nan)
+        reach = f"{frac:.0%}" if math.isfinite(frac) else "> 100%"
+        cells += [f"{reach} ({row.get('reached', math.nan):.0%})",
+                  f"{row['ratio']:.2f}" if math.isfinite(row["ratio"]) else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_rich(rows: Sequence[Mapping[str, Any]], fractions: Sequence[float] = FRACTIONS) -> None:
+    """Print the summary with rich (the same numbers as `markdown_table`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="best final validation (and its test score) at a share of the compute; mean ± 95% CI")
+    table.add_column("strategy")
+    table.add_column("trials (full)", justify="right")
+    for f in fractions:
+        table.add_column(f"val @{f:.0%}", justify="right")
+        table.add_column(f"test @{f:.0%}", justify="right")
+    table.add_column("to reach TPE-full", justify="right")
+    table.add_column("ratio", justify="right")
+    for row in rows:
+        cells = [row["label"], f"{row['trials']:.0f} ({row['full_trials']:.0f})"]
+        for f in fractions:
+            cells += [_cell(row[f"val@{f:g}"]), _cell(row[f"test@{f:g}"])]
+        frac = row.get("median_fraction", math.nan)
+        cells += [(f"{frac:.0%}" if math.isfinite(frac) else ">100%") + f" ({row.get('reached', math.nan):.0%})",
+                  f"{row['ratio']:.2f}" if math.isfinite(row["ratio"]) else "–"]
+        table.add_row(*cells)
+    Console(width=200).print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", type=Path, default=DEFAULT_TABLE, help="a recording (.jsonl with its .meta.json)")
+    parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--budget-trials", type=float, default=20.0,
+                        help="compute budget in full-trial equivalents (× the table's mean steps)")
+    parser.add_argument("--database-url", default=None, help="server database (default: a temporary SQLite file)")
+    parser.add_argument("--peer-path", type=Path, action="append", default=[],
+                        help="extra import path for peers installed with --target (DEHB)")
+    parser.add_argument("--out", type=Path, help="write the markdown table here")
+    parser.add_argument("--plot", type=Path, help="write the anytime-regret plot here (PNG)")
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 3 strategies, 6 full trials of budget")
+    parser.add_argument("--save", type=Path, help="write every run (JSON) here after each strategy")
+    parser.add_argument("--load", type=Path, action="append", default=[],
+                        help="summarise runs saved by --save instead of running (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    for extra in args.peer_path:
+        sys.path.append(str(extra))
+    logging.getLogger("tunefleet.worker").setLevel(logging.ERROR)
+    table = ReplayTable.load(args.table)
+    strategies, seeds, budget = args.strategies, list(range(args.seeds)), args.budget_trials
+    if args.quick:
+        strategies, seeds, budget = list(QUICK), [0, 1], 6.0
+    runs: list[Run] = []
+    for saved in args.load:
+        runs += load_runs(saved)
+    if args.load:
+        budget = runs[0].budget_steps / table.mean_total_steps()
+        seeds = sorted({r.seed for r in runs})
+    else:
+        for name in strategies:  # one at a time, saved as they finish: a long run can be cut short
+            runs += run_benchmark(table, [name], seeds, budget, database_url=args.database_url)
+            if args.save:
+                save_runs(runs, args.save)
+    rows = summarise(runs, table)
+    print_rich(rows)
+    note = (f"table {args.table.name}: {len(table.records)} configurations ({len(table.complete)} complete), "
+            f"budget {budget:g} full trials = {budget * table.mean_total_steps():.0f} steps, seeds {len(seeds)}; "
+            f"target (TPE-full mean final) {rows[0]['target']:.4f}, oracle (best recorded) {table.best_final():.4f}")
+    print(note)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"{note}\n\n{markdown_table(rows)}\n", encoding="utf-8")
+    if args.plot:
+        plot_regret(runs, table, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
