@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 import sqlalchemy as sa
@@ -33,6 +35,34 @@ _ADVISORY_NAMESPACE = 0x7466  # "tf": first key of pg_advisory_lock(int, int)
 _TRIAL_LOCK_STRIPES = 256
 # GPSampler changes process-wide torch thread settings while it optimises: one GP ask at a time.
 _GP_LOCK = threading.Lock()
+
+
+class PrincipalCache:
+    """Who a bearer token is, remembered for `ttl` seconds so the workers' hot path skips a database lookup
+    per call. Revoking through this server clears it at once; another replica notices within `ttl`."""
+
+    def __init__(self, ttl: float = 10.0):
+        self.ttl = ttl
+        self._entries: dict[str, tuple[float, object]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, header: str | None) -> Any:
+        if not header:
+            return None
+        with self._lock:
+            entry = self._entries.get(header)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, header: str | None, principal: object) -> None:
+        if header:
+            with self._lock:
+                self._entries[header] = (time.monotonic() + self.ttl, principal)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
 @dataclass
@@ -62,6 +92,7 @@ class Backend:
         self._runtimes: dict[int, StudyRuntime] = {}
         self._runtimes_lock = threading.Lock()
         self._trial_locks = [threading.Lock() for _ in range(_TRIAL_LOCK_STRIPES)]
+        self.principals = PrincipalCache()
 
     def session(self) -> contextlib.AbstractContextManager[Session]:
         return transaction(self.sessions)

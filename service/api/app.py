@@ -44,6 +44,25 @@ class Reaper(threading.Thread):
                 log.exception("reaper pass failed; retrying in %ss", self.backend.settings.reaper_interval_seconds)
 
 
+class _Timing:
+    """Request latency per route into Prometheus; a plain ASGI middleware (no per-request task like
+    Starlette's BaseHTTPMiddleware, which costs on the workers' hot path)."""
+
+    def __init__(self, app):  # type: ignore[no-untyped-def]
+        self.app = app
+
+    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics.LATENCY.labels(scope["method"], route).observe(time.perf_counter() - start)
+
+
 def create_app(settings: Settings | None = None, *, auth_enabled: bool | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -71,14 +90,7 @@ def create_app(settings: Settings | None = None, *, auth_enabled: bool | None = 
         headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
-    @app.middleware("http")
-    async def timing(request: Request, call_next):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.LATENCY.labels(request.method, getattr(route, "path", "unmatched")).observe(
-            time.perf_counter() - start)
-        return response
+    app.add_middleware(_Timing)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -22,8 +22,14 @@ BackendDep = Annotated[Backend, Depends(get_backend)]
 def get_principal(request: Request, backend: BackendDep) -> Principal:
     if not request.app.state.auth_enabled:
         return ANONYMOUS_ADMIN
+    header = request.headers.get("authorization")
+    cached = backend.principals.get(header)
+    if cached is not None:
+        return cached
     with backend.session() as session:
-        return authenticate(session, request.headers.get("authorization"))
+        principal = authenticate(session, header)
+    backend.principals.put(header, principal)
+    return principal
 
 
 def _role(*roles: str):  # type: ignore[no-untyped-def]

@@ -33,4 +33,5 @@ def list_tokens(backend: BackendDep, _: Admin) -> list[TokenOut]:
 def delete_token(backend: BackendDep, _: Admin, token_id: int) -> Response:
     with backend.session() as session:
         revoke_token(session, token_id)
+    backend.principals.clear()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
