@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import optuna
@@ -29,12 +30,17 @@ from service.errors import InvalidInput, LeaseLost, NotFound
 from service.models import Lease, Report, Worker, utcnow
 from service.models import Study as StudyRow
 from service.schemas import CompleteIn, FailIn, HeartbeatOut, LeaseIn, LeaseOut, ReportIn, TrialOut
-from service.studies import aware, get_trial, lease_deadline, maybe_complete, usage
+from service.studies import aware, get_trial, maybe_complete, usage
 
 __all__ = ["complete", "fail", "heartbeat", "lease", "reap_expired", "report"]
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def lease_deadline(backend: Backend) -> datetime:
+    """A lease's deadline from now; every call from the lease holder moves it here."""
+    return utcnow() + timedelta(seconds=backend.settings.lease_seconds)
 
 
 # ---- lease -----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import logging
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import optuna
@@ -25,7 +25,7 @@ from service.spec import SpecError, StudySpec, validate_spec
 
 __all__ = [
     "Usage", "create_study", "delete_study", "get_study", "get_trial", "list_studies", "list_trials",
-    "aware", "lease_deadline", "maybe_complete", "set_study_state", "usage",
+    "aware", "maybe_complete", "set_study_state", "usage",
 ]
 
 log = logging.getLogger(__name__)
@@ -291,10 +291,6 @@ def _study_id_of_trial(backend: Backend, trial_id: int) -> int:
     if study_id is None:
         raise NotFound(f"trial {trial_id} does not exist")
     return int(study_id)
-
-
-def lease_deadline(backend: Backend) -> datetime:
-    return utcnow() + timedelta(seconds=backend.settings.lease_seconds)
 
 
 def study_report(backend: Backend, study_id: int) -> dict[str, Any]:
