@@ -1,8 +1,9 @@
 """What every request needs, built once per server process: settings, sessions, the Optuna storage,
 one Optuna ``Study`` per active study, and the locks that serialise work per study and per trial.
 
-Optuna's ``_CachedStorage`` keeps finished trials in memory, so one storage object and one ``Study``
-per study for the life of the process means a request never reloads a study's trials.
+``ServerStorage`` keeps every trial of a loaded study in memory (running ones written through to the
+database), so one storage object and one ``Study`` per study for the life of the process means a request
+never reloads a study's trials.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from service.errors import NotFound
 from service.models import Study as StudyRow
 from service.search import build_pruner, build_sampler, distributions
 from service.spec import StudySpec
+from service.storage import ServerStorage
 
 __all__ = ["Backend", "StudyRuntime"]
 
@@ -87,7 +89,7 @@ class Backend:
         self.is_postgres = self.engine.dialect.name == "postgresql"
         self.rdb = optuna.storages.RDBStorage(self.url, engine_kwargs=engine_kwargs(self.url),
                                               skip_table_creation=True, skip_compatibility_check=True)
-        self.storage = optuna.storages.get_storage(self.rdb)  # the cached wrapper
+        self.storage = ServerStorage(self.rdb, refresh_seconds=settings.trial_cache_seconds)
         self.artifacts = ArtifactStore(settings.resolved_artifact_dir)
         self._runtimes: dict[int, StudyRuntime] = {}
         self._runtimes_lock = threading.Lock()

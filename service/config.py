@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(120.0, gt=0, description="a lease's length; each heartbeat extends it")
     heartbeat_grace_seconds: float = Field(30.0, ge=0, description="slack after a deadline before the reaper acts")
     reaper_interval_seconds: float = Field(5.0, gt=0)
+    trial_cache_seconds: float = Field(
+        1.0, ge=0, description="how stale the server's in-memory view of running trials may be when another "
+        "server replica (or a script) writes to the same studies; 0 re-reads them on every call"
+    )
     artifact_dir: Path | None = Field(None, description="artifact store folder; unset means <home>/artifacts")
     max_artifact_mb: int = Field(2048, gt=0)
     server_url: str = Field("http://127.0.0.1:8000", description="where the CLI and workers find the server")

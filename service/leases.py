@@ -81,6 +81,7 @@ def _touch_worker(session: Session, body: LeaseIn) -> None:
 
 def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn) -> LeaseOut | None:
     with backend.ask_lock(runtime):
+        backend.storage.sync(runtime.id)  # trials other server replicas created or finished
         with backend.session() as session:
             row = session.get(StudyRow, runtime.id)
             if row is None or row.state != "running":
