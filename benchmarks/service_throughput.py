@@ -137,13 +137,14 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(database_url: str, auth: bool, log: Path) -> Iterator[Server]:
+def running_server(database_url: str, auth: bool, log: Path, processes: int = 1) -> Iterator[Server]:
     """`tunefleet server` on a free loopback port over `database_url`, until the block ends."""
     port = free_port()
     env = {**os.environ, "TUNEFLEET_DATABASE_URL": database_url, "TUNEFLEET_AUTH": str(auth).lower(),
            "TUNEFLEET_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)}
     with log.open("ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", "service.cli", "server", "--migrate", "--port", str(port)],
+        process = subprocess.Popen([sys.executable, "-m", "service.cli", "server", "--migrate", "--port", str(port),
+                                    "--processes", str(processes)],
                                    env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -322,11 +323,12 @@ def run_processes(mode: str, n: int, duration: float, target: Any, args: tuple[A
     return result
 
 
-def bench_service(pg: str, n: int, duration: float, auth: bool, log: Path) -> Result:
-    with fresh_database(pg) as database_url, running_server(database_url, auth, log) as server:
+def bench_service(pg: str, n: int, duration: float, auth: bool, log: Path, processes: int) -> Result:
+    with fresh_database(pg) as database_url, running_server(database_url, auth, log, processes) as server:
         with Client(server.url, server.token) as client:
             client.create_study(study_spec(f"bench-service-{n}", max_trials=1_000_000))
-        return run_processes("service", n, duration, service_worker, (server.url, server.token))
+        mode = "service" if processes == 1 else f"service ×{processes}"
+        return run_processes(mode, n, duration, service_worker, (server.url, server.token))
 
 
 def bench_direct(pg: str, n: int, duration: float) -> Result:
@@ -406,9 +408,9 @@ def throughput_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
     rows = []
     by_key = {(r.mode, r.workers): r for r in results}
     for r in results:
-        calls = SERVICE_CALLS if r.mode == "service" else DIRECT_CALLS
+        calls = SERVICE_CALLS if r.mode.startswith("service") else DIRECT_CALLS
         direct = by_key.get(("direct", r.workers))
-        ratio = f"{r.rate / direct.rate:.2f}" if r.mode == "service" and direct and direct.rate else ""
+        ratio = f"{r.rate / direct.rate:.2f}" if r.mode.startswith("service") and direct and direct.rate else ""
         rows.append([str(r.workers), r.mode, f"{r.rate:.1f}",
                      *(f"{_ms(r.percentile_ms(c, 0.5))} / {_ms(r.percentile_ms(c, 0.95))}" for c in calls),
                      ratio, "; ".join(sorted(set(r.errors)))[:200] or "0"])
@@ -460,6 +462,8 @@ def main(
     memory_studies: Annotated[int, typer.Option(help="Studies loaded for the memory measurement.")] = 20,
     memory_trials: Annotated[int, typer.Option(help="Finished trials per study.")] = 1000,
     auth: Annotated[bool, typer.Option(help="Run the server with bearer tokens, as in production.")] = True,
+    server_processes: Annotated[str, typer.Option(
+        help="Comma-separated server process counts to measure (`tunefleet server --processes`).")] = "1",
     server_log: Annotated[Path, typer.Option(help="Where the servers' output goes.")]
     = Path("/tmp/tunefleet-benchmark-server.log"),
 ) -> None:
@@ -467,8 +471,9 @@ def main(
     counts = [int(n) for n in workers.split(",") if n.strip()]
     results: list[Result] = []
     for n in counts:
-        console.print(f"[bold]{n} worker(s)[/]: service ...")
-        results.append(bench_service(pg, n, duration, auth, server_log))
+        for processes in [int(p) for p in server_processes.split(",") if p.strip()]:
+            console.print(f"[bold]{n} worker(s)[/]: service, {processes} server process(es) ...")
+            results.append(bench_service(pg, n, duration, auth, server_log, processes))
         if direct:
             console.print(f"[bold]{n} worker(s)[/]: direct ...")
             results.append(bench_direct(pg, n, duration))

@@ -95,6 +95,9 @@ class Backend:
         self._runtimes_lock = threading.Lock()
         self._trial_locks = [threading.Lock() for _ in range(_TRIAL_LOCK_STRIPES)]
         self.principals = PrincipalCache()
+        # trial id -> number of its reports this process has seen: a report that finds more in the database
+        # knows another server process handled some, and re-reads the trial (see leases.report).
+        self.reports_handled: dict[int, int] = {}
 
     def session(self) -> contextlib.AbstractContextManager[Session]:
         return transaction(self.sessions)

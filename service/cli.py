@@ -247,13 +247,16 @@ def server(
     migrate: Annotated[bool | None, typer.Option(
         help="Upgrade the database schema before serving. Default: only for the embedded SQLite default; "
              "a configured database is upgraded with `tunefleet db upgrade`.")] = None,
+    processes: Annotated[int | None, typer.Option(
+        min=1, help="Server processes (PostgreSQL only; default: settings' server_processes, 1). About one "
+                    "per CPU core when many workers call the server.")] = None,
 ) -> None:
     """Run the API server (uvicorn) on the configured database."""
     from service.api.app import run_server
 
     if migrate is None:
         migrate = _settings().database_url is None
-    code = run_server(host, port, migrate)  # None: the settings' host and port
+    code = run_server(host, port, migrate, processes)  # None: the settings' values
     if code:
         raise typer.Exit(code)
 

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     auth: bool | None = Field(
         None, description="require bearer tokens; unset means on unless the server binds a loopback address"
     )
+    server_processes: int = Field(
+        1, ge=1, description="uvicorn processes serving the API (PostgreSQL only); they coordinate like "
+        "replicas on several hosts. About one per CPU core for many workers"
+    )
     lease_seconds: float = Field(120.0, gt=0, description="a lease's length; each heartbeat extends it")
     heartbeat_grace_seconds: float = Field(30.0, ge=0, description="slack after a deadline before the reaper acts")
     reaper_interval_seconds: float = Field(5.0, gt=0)

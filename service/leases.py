@@ -81,7 +81,7 @@ def _touch_worker(session: Session, body: LeaseIn) -> None:
 
 def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn) -> LeaseOut | None:
     with backend.ask_lock(runtime):
-        backend.storage.sync(runtime.id)  # trials other server replicas created or finished
+        backend.storage.sync(runtime.id)  # trials other server processes created or finished
         with backend.session() as session:
             row = session.get(StudyRow, runtime.id)
             if row is None or row.state != "running":
@@ -91,22 +91,24 @@ def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn) -> Lease
             maybe_complete(backend, runtime)
             return None
         trial = runtime.study.ask(runtime.distributions)
-        try:
-            with backend.session() as session:
-                attrs = trial.user_attrs
-                record = Lease(trial_id=trial._trial_id, study_id=runtime.id, worker_id=body.worker_id,
-                               request_id=body.request_id, attempt=int(attrs.get("attempt", 0)),
-                               retry_of=attrs.get("retry_of"), state="active", deadline=lease_deadline(backend))
-                session.add(record)
-                session.execute(sa.update(StudyRow).where(StudyRow.id == runtime.id).values(last_leased_at=utcnow()))
-                session.execute(sa.update(Worker).where(Worker.id == body.worker_id)
-                                .values(trials_leased=Worker.trials_leased + 1))
-        except BaseException as exc:
-            # Never leave a RUNNING trial without a lease: nothing would ever reap it.
-            runtime.study.tell(trial, state=TrialState.FAIL)
-            if isinstance(exc, IntegrityError) and body.request_id:
-                return lease(backend, body)  # a concurrent retry of this request won: return its lease
-            raise
+    # The lease row is written after the ask lock is released: the budget counts Optuna's RUNNING trials,
+    # so the next ask already sees this one, and the reaper only looks at lease rows.
+    try:
+        with backend.session() as session:
+            attrs = trial.user_attrs
+            record = Lease(trial_id=trial._trial_id, study_id=runtime.id, worker_id=body.worker_id,
+                           request_id=body.request_id, attempt=int(attrs.get("attempt", 0)),
+                           retry_of=attrs.get("retry_of"), state="active", deadline=lease_deadline(backend))
+            session.add(record)
+            session.execute(sa.update(StudyRow).where(StudyRow.id == runtime.id).values(last_leased_at=utcnow()))
+            session.execute(sa.update(Worker).where(Worker.id == body.worker_id)
+                            .values(trials_leased=Worker.trials_leased + 1))
+    except BaseException as exc:
+        # Never leave a RUNNING trial without a lease: nothing would ever reap it.
+        runtime.study.tell(trial, state=TrialState.FAIL)
+        if isinstance(exc, IntegrityError) and body.request_id:
+            return lease(backend, body)  # a concurrent retry of this request won: return its lease
+        raise
     log.info("trial %s (study %s #%s) leased to %s: %s", trial._trial_id, runtime.name, trial.number,
              body.worker_id, trial.params)
     return _lease_out(backend, record)
@@ -154,15 +156,18 @@ def report(backend: Backend, trial_id: int, body: ReportIn) -> bool:
         raise InvalidInput(f"report value {body.value} is not finite: fail the trial instead "
                            "(POST /trials/{id}/fail with the reason)")
     with _locked_lease(backend, trial_id) as (session, record, runtime):
-        stored = session.get(Report, (trial_id, body.step))
-        if stored is not None:
-            return stored.prune
+        answers = dict(session.execute(sa.select(Report.step, Report.prune).where(Report.trial_id == trial_id)).all())
+        if body.step in answers:
+            return answers[body.step]
         if record.state == "pruned":
             return True
         if record.state != "active":
             raise LeaseLost(f"trial {trial_id} is {record.state}; its reports are closed: lease a new trial")
         prune = False
         if not runtime.spec.multi_objective:
+            if backend.reports_handled.get(trial_id, 0) != len(answers):
+                # An earlier report went to another server process: our copy of the trial lags behind.
+                backend.storage.reload_trial(trial_id)
             trial = optuna.Trial(runtime.study, trial_id)  # a fresh snapshot per request, never cached
             trial.report(body.value, body.step)
             # The baseline always runs to the end, so "tuned vs default" is always measurable on test.
@@ -171,6 +176,11 @@ def report(backend: Backend, trial_id: int, body: ReportIn) -> bool:
             runtime.study.tell(trial.number, state=TrialState.PRUNED)
             record.state, record.finished_at = "pruned", utcnow()
         session.add(Report(trial_id=trial_id, step=body.step, value=body.value, metrics=body.metrics, prune=prune))
+        # Set before the commit: a failed commit leaves a count that differs next time, hence a re-read.
+        if prune:
+            backend.reports_handled.pop(trial_id, None)
+        else:
+            backend.reports_handled[trial_id] = len(answers) + 1
         record.deadline = lease_deadline(backend)  # any call from the worker shows it is alive
         if prune:
             log.info("trial %s pruned at %s%% (value %.4g)", trial_id, body.step, body.value)
@@ -195,6 +205,7 @@ def complete(backend: Backend, trial_id: int, body: CompleteIn) -> TrialOut:
             backend.storage.set_trial_user_attr(trial_id, key, value)
         runtime.study.tell(t.number, values)
         record.state, record.finished_at = "complete", utcnow()
+        backend.reports_handled.pop(trial_id, None)
         log.info("trial %s complete: %s", trial_id, values)
     maybe_complete(backend, runtime)
     return get_trial(backend, trial_id)
@@ -239,6 +250,7 @@ def _fail_and_maybe_requeue(backend: Backend, session: Session, record: Lease, r
             attrs["is_baseline"] = True
         runtime.study.enqueue_trial(t.params, user_attrs=attrs)
     record.state, record.finished_at, record.fail_reason, record.requeued = new_state, utcnow(), reason, requeue
+    backend.reports_handled.pop(record.trial_id, None)
     if requeue:
         log.warning("trial %s %s (%s); parameters re-queued, attempt %s of %s", record.trial_id, new_state, reason,
                     record.attempt + 1, runtime.spec.search.max_retries)

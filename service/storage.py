@@ -14,9 +14,10 @@ Here the server keeps its own copy of running trials as well:
   memory are the database's.
 - Reads come from memory. The running trials are re-read from the database when the copy is older than
   `refresh_seconds`, which only matters for writes made by someone else: another server replica, or a
-  script using Optuna on the same database. With one server, memory and database never differ. Before
-  each ask, `sync` compares the number of trials per state with the database (one cheap query), so the
-  queue and the budget are exact across replicas; only other replicas' intermediate values may lag.
+  script using Optuna on the same database. With one server process, memory and database never differ.
+  Before each ask, `sync` reads the ids and states of running, waiting and new trials (one light query)
+  and loads those that changed, so the queue and the budget are exact across server processes; only
+  other processes' intermediate values of *other* trials may lag (the pruner's view of the rungs).
 
 `optuna==5.0.0` is pinned because this builds on Optuna's private `_CachedStorage`.
 """
@@ -24,10 +25,12 @@ Here the server keeps its own copy of running trials as well:
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Container, Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -35,10 +38,25 @@ from optuna import distributions
 from optuna._typing import JSONSerializable
 from optuna.storages import RDBStorage
 from optuna.storages._cached_storage import _CachedStorage
-from optuna.storages._rdb.models import TrialModel
+from optuna.storages._rdb.models import (
+    TrialIntermediateValueModel,
+    TrialModel,
+    TrialParamModel,
+    TrialSystemAttributeModel,
+    TrialUserAttributeModel,
+    TrialValueModel,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 from optuna.trial import FrozenTrial, TrialState
 
 __all__ = ["ServerStorage"]
+
+_TRIALS = TrialModel.__table__
+_UPDATABLE = (TrialState.RUNNING, TrialState.WAITING)
+
+
+def _state(value: Any) -> TrialState:
+    return value if isinstance(value, TrialState) else TrialState[str(value)]
 
 
 def _detached(trial: FrozenTrial) -> FrozenTrial:
@@ -60,12 +78,23 @@ class ServerStorage(_CachedStorage):
         self.refresh_seconds = refresh_seconds
         self._read_at: dict[int, float] = {}  # study id -> time.monotonic() of its last database read
         self._refresh_locks: dict[int, threading.Lock] = {}
+        self._ids_by_name: dict[str, int] = {}
+        dialect = backend.engine.dialect.name
+        self._fast = dialect in ("postgresql", "sqlite")
+        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)
         self._refresh_locks = {}
 
     # ---- reads ---------------------------------------------------------------------------------------
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        # Hyperband builds a study object per prune call, and a study object looks its id up by name.
+        study_id = self._ids_by_name.get(study_name)
+        if study_id is None:
+            study_id = self._ids_by_name[study_name] = super().get_study_id_from_name(study_name)
+        return study_id
 
     def _fresh(self, study_id: int) -> bool:
         read_at = self._read_at.get(study_id)
@@ -83,24 +112,40 @@ class ServerStorage(_CachedStorage):
             self._read_trials_from_remote_storage(study_id)
             self._read_at[study_id] = started
 
-    def sync(self, study_id: int) -> bool:
-        """Make sure memory holds every trial of the study in its current state, with one cheap query: the
-        number of trials per state. States only move forward (WAITING -> RUNNING -> finished), so any trial
-        created or moved by someone else changes those counts. Called under the ask lock, so budgets and
-        the queue are exact across server replicas. Returns whether the study had to be re-read."""
+    def sync(self, study_id: int) -> int:
+        """Bring memory up to date with trials someone else created or moved to another state (another
+        server process or replica, a script), with one light query: the ids and states of the study's
+        running and waiting trials and of trials newer than any in memory. Only trials that differ are read
+        in full. Called under the ask lock, so the queue and the budget are exact across server processes.
+        Returns how many trials were read."""
         if study_id not in self._read_at:
             self.refresh(study_id)
-            return True
-        model = TrialModel.__table__
-        query = sa.select(model.c.state, sa.func.count()).where(model.c.study_id == study_id).group_by(model.c.state)
-        with self._backend.engine.connect() as conn:
-            in_database = {TrialState[str(getattr(state, "name", state))]: n for state, n in conn.execute(query)}
+            return -1
         with self._lock:
-            in_memory = Counter(t.state for t in self._studies[study_id].trials.values())
-        if in_database == dict(in_memory):
-            return False
-        self.refresh(study_id)
-        return True
+            trials = self._studies[study_id].trials
+            states = {t._trial_id: t.state for t in trials.values()}
+        newest = max(states, default=-1)
+        query = sa.select(_TRIALS.c.trial_id, _TRIALS.c.state).where(
+            _TRIALS.c.study_id == study_id, sa.or_(_TRIALS.c.state.in_(_UPDATABLE), _TRIALS.c.trial_id > newest))
+        with self._backend.engine.connect() as conn:
+            in_database = {trial_id: _state(state) for trial_id, state in conn.execute(query)}
+        unfinished_here = {i for i, state in states.items() if not state.is_finished()}
+        changed = {i for i, state in in_database.items() if states.get(i) != state}
+        changed |= unfinished_here - set(in_database)  # finished by someone else
+        if changed:
+            loaded = self._backend._get_trials(study_id, None, changed, 2**62)
+            with self._lock:
+                self._add_trials_to_cache(study_id, loaded)
+                unfinished = self._studies[study_id].unfinished_trial_ids
+                for trial in loaded:
+                    (unfinished.discard if trial.state.is_finished() else unfinished.add)(trial._trial_id)
+        return len(changed)
+
+    def reload_trial(self, trial_id: int) -> FrozenTrial:
+        """Read one trial from the database into memory, for a caller that knows another process wrote it."""
+        trial = self._backend.get_trial(trial_id)
+        self._install(trial)
+        return trial
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
@@ -144,43 +189,70 @@ class ServerStorage(_CachedStorage):
             t._params = {**t._params, param_name: external}
             t._distributions = {**t._distributions, param_name: distribution}
 
-        self._write(trial_id, change, super().set_trial_param, trial_id, param_name, param_value_internal,
-                    distribution)
+        located = self._trial_id_to_study_id_and_number.get(trial_id)
+        known = self._studies[located[0]].param_distribution.get(param_name) if located else None
+        if known is None:  # the first value of this parameter: Optuna checks it against the study's past
+            self._write(trial_id, change, super().set_trial_param, trial_id, param_name, param_value_internal,
+                        distribution)
+            return
+        distributions.check_distribution_compatibility(known, distribution)
+        row = {"trial_id": trial_id, "param_name": param_name, "param_value": param_value_internal,
+               "distribution_json": distributions.distribution_to_json(distribution)}
+        self._write(trial_id, change, self._insert_or_fallback, TrialParamModel, row, None,
+                    super().set_trial_param, trial_id, param_name, param_value_internal, distribution)
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
         def change(t: FrozenTrial) -> None:
             t.intermediate_values = {**t.intermediate_values, step: intermediate_value}
 
-        self._write(trial_id, change, super().set_trial_intermediate_value, trial_id, step, intermediate_value)
+        stored, kind = TrialIntermediateValueModel.intermediate_value_to_stored_repr(intermediate_value)
+        row = {"trial_id": trial_id, "step": step, "intermediate_value": stored, "intermediate_value_type": kind}
+        self._write(trial_id, change, self._insert_or_fallback, TrialIntermediateValueModel, row, ("trial_id", "step"),
+                    super().set_trial_intermediate_value, trial_id, step, intermediate_value)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         def change(t: FrozenTrial) -> None:
             t._user_attrs = {**t._user_attrs, key: value}
 
-        self._write(trial_id, change, super().set_trial_user_attr, trial_id, key, value)
+        row = {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+        self._write(trial_id, change, self._insert_or_fallback, TrialUserAttributeModel, row, ("trial_id", "key"),
+                    super().set_trial_user_attr, trial_id, key, value)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: JSONSerializable) -> None:
         def change(t: FrozenTrial) -> None:
             t._system_attrs = {**t._system_attrs, key: value}
 
-        self._write(trial_id, change, super().set_trial_system_attr, trial_id, key, value)
+        row = {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+        self._write(trial_id, change, self._insert_or_fallback, TrialSystemAttributeModel, row, ("trial_id", "key"),
+                    super().set_trial_system_attr, trial_id, key, value)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState,
                                values: Sequence[float] | None = None) -> bool:
         try:
-            changed = super().set_trial_state_values(trial_id, state, values)
+            now = self._set_state_fast(trial_id, state, values) if self._fast else None
+            if now is None:  # not a running/waiting trial (or another database): Optuna answers
+                changed = super().set_trial_state_values(trial_id, state, values)
+                self._install_from_database(trial_id)
+                return changed
         except BaseException:
             self._forget_reads_of(trial_id)  # e.g. another process finished it: read the database next time
             raise
-        try:
-            # Timestamps and values as the database holds them; also when another process won the change.
-            self._install(self._backend.get_trial(trial_id))
-        except Exception:
-            self._forget_reads_of(trial_id)
-        return changed
+
+        def change(t: FrozenTrial) -> None:
+            t.state = state
+            if state == TrialState.RUNNING:
+                t.datetime_start = now
+            if state.is_finished():
+                t.datetime_complete = now
+            if values is not None:
+                t.values = list(values)
+
+        self._patch(trial_id, change)
+        return True
 
     def delete_study(self, study_id: int) -> None:
         super().delete_study(study_id)
+        self._ids_by_name = {name: i for name, i in self._ids_by_name.items() if i != study_id}
         self._read_at.pop(study_id, None)
         self._refresh_locks.pop(study_id, None)
 
@@ -196,6 +268,64 @@ class ServerStorage(_CachedStorage):
             self._forget_reads_of(trial_id)
             raise
         self._patch(trial_id, change)
+
+    # ---- writes in one statement ---------------------------------------------------------------------
+    # Optuna's RDBStorage spends an ORM session and three to four statements on each write. These do the
+    # same in one statement and one commit, on PostgreSQL and SQLite (elsewhere Optuna's own code runs). A
+    # row is only written while its trial is RUNNING or WAITING; when nothing was written (a finished or
+    # unknown trial), Optuna's code runs instead and raises its usual error.
+
+    def _insert_or_fallback(self, model: Any, row: dict[str, Any], conflict: tuple[str, ...] | None,
+                            fallback: Callable[..., None], *args: Any) -> None:
+        if not self._fast:
+            fallback(*args)
+            return
+        insert = self._upsert_statement(model.__table__, tuple(row), conflict)
+        with self._backend.engine.begin() as conn:
+            written = conn.execute(insert, row).rowcount
+        if not written:
+            fallback(*args)
+
+    @functools.cache  # noqa: B019 - one small statement per table, for the life of the process
+    def _upsert_statement(self, table: sa.Table, columns: tuple[str, ...], conflict: tuple[str, ...] | None) -> Any:
+        values = sa.select(*(sa.bindparam(k, type_=table.c[k].type) for k in columns)).where(
+            sa.exists().where(_TRIALS.c.trial_id == sa.bindparam("trial_id"), _TRIALS.c.state.in_(_UPDATABLE)))
+        insert = self._insert(table).from_select(list(columns), values)
+        if conflict:
+            insert = insert.on_conflict_do_update(
+                index_elements=list(conflict), set_={k: insert.excluded[k] for k in columns if k not in conflict})
+        return insert
+
+    def _set_state_fast(self, trial_id: int, state: TrialState, values: Sequence[float] | None) -> datetime | None:
+        """Optuna's `set_trial_state_values` in one transaction; None when the trial was not in a state this
+        change applies to."""
+        now = datetime.now()  # naive local time, as Optuna stores it
+        update = sa.update(_TRIALS).where(_TRIALS.c.trial_id == trial_id)
+        if state == TrialState.RUNNING:
+            update = update.where(_TRIALS.c.state == TrialState.WAITING).values(state=state, datetime_start=now)
+        else:
+            update = update.where(_TRIALS.c.state.in_(_UPDATABLE)).values(state=state)
+            if state.is_finished():
+                update = update.values(datetime_complete=now)
+        table = TrialValueModel.__table__
+        with self._backend.engine.begin() as conn:
+            if not conn.execute(update).rowcount:
+                conn.rollback()
+                return None
+            for objective, value in enumerate(values or ()):
+                stored, kind = TrialValueModel.value_to_stored_repr(value)
+                insert = self._insert(table).values(trial_id=trial_id, objective=objective, value=stored,
+                                                    value_type=kind)
+                conn.execute(insert.on_conflict_do_update(
+                    index_elements=["trial_id", "objective"],
+                    set_={"value": insert.excluded.value, "value_type": insert.excluded.value_type}))
+        return now
+
+    def _install_from_database(self, trial_id: int) -> None:
+        try:
+            self._install(self._backend.get_trial(trial_id))
+        except Exception:
+            self._forget_reads_of(trial_id)
 
     def _forget_reads_of(self, trial_id: int) -> None:
         located = self._trial_id_to_study_id_and_number.get(trial_id)
@@ -216,6 +346,8 @@ class ServerStorage(_CachedStorage):
             updated = copy.copy(trials[number])
             change(updated)
             trials[number] = updated
+            if updated.state.is_finished():
+                self._studies[study_id].unfinished_trial_ids.discard(trial_id)
 
     def _install(self, trial: FrozenTrial) -> None:
         """Put a trial read from the database into memory (its study must be known to the cache)."""

@@ -127,8 +127,7 @@ def _row(session: Session, study_id: int) -> StudyRow:
 def get_study(backend: Backend, study_id: int) -> StudyOut:
     with backend.session() as session:
         row = _row(session, study_id)
-        runtime = backend.runtime(study_id)
-        return _study_view(session, row, runtime)
+        return _study_view(session, row, _current(backend, study_id))
 
 
 def list_studies(backend: Backend, state: str | None, name: str | None, limit: int, offset: int
@@ -143,7 +142,15 @@ def list_studies(backend: Backend, state: str | None, name: str | None, limit: i
             query = query.where(StudyRow.name.contains(name))
         total = session.scalar(sa.select(sa.func.count()).select_from(query.subquery())) or 0
         rows = session.scalars(query.order_by(StudyRow.id.desc()).limit(limit).offset(offset)).all()
-        return [_study_view(session, row, backend.runtime(row.id)) for row in rows], total
+        return [_study_view(session, row, _current(backend, row.id)) for row in rows], total
+
+
+def _current(backend: Backend, study_id: int) -> StudyRuntime:
+    """The study's runtime, its trial states brought up to date with other server processes (a light query),
+    so a view never shows a study completed while its last trials still read as running."""
+    runtime = backend.runtime(study_id)
+    backend.storage.sync(study_id)
+    return runtime
 
 
 def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> StudyOut:
@@ -260,7 +267,7 @@ def _trial_view(t: FrozenTrial, study_id: int, leases: dict[int, Lease],
 
 def list_trials(backend: Backend, study_id: int, state: str | None, limit: int, offset: int
                 ) -> tuple[list[TrialOut], int]:
-    runtime = backend.runtime(study_id)
+    runtime = _current(backend, study_id)
     trials = runtime.study.get_trials(deepcopy=False)
     if state:
         try:
@@ -279,7 +286,7 @@ def get_trial(backend: Backend, trial_id: int) -> TrialOut:
     with backend.session() as session:
         lease = session.get(Lease, trial_id)
         study_id = lease.study_id if lease else _study_id_of_trial(backend, trial_id)
-        runtime = backend.runtime(study_id)
+        runtime = _current(backend, study_id)
         t = backend.storage.get_trial(trial_id)
         return _trial_view(t, runtime.id, *_trial_extras(session, [trial_id]))
 
@@ -297,7 +304,7 @@ def study_report(backend: Backend, study_id: int) -> dict[str, Any]:
     """The fidelity report of a study (see service/fidelity.py and docs/fidelity.md)."""
     from service.fidelity import fidelity_report
 
-    runtime = backend.runtime(study_id)
+    runtime = _current(backend, study_id)
     spec = runtime.spec
     if spec.multi_objective:
         return {"study_id": study_id, "warnings": ["fidelity reports need a single objective"], "rungs": []}

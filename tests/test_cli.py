@@ -89,3 +89,10 @@ def test_token_create_rejects_unknown_role(role: str, sqlite_url: str, tmp_path:
     result = _cli({"TUNEFLEET_DATABASE_URL": sqlite_url, "TUNEFLEET_HOME": str(tmp_path)},
                   "token", "create", "--name", "x", "--role", role)
     assert result.returncode != 0 and "Traceback" not in result.stderr
+
+
+def test_several_server_processes_need_postgresql(sqlite_url: str, tmp_path: Path) -> None:
+    refused = _cli({"TUNEFLEET_DATABASE_URL": sqlite_url, "TUNEFLEET_HOME": str(tmp_path)},
+                   "server", "--port", "1", "--processes", "2")
+    assert refused.returncode == 2, refused.stderr
+    assert "need PostgreSQL" in refused.stderr + refused.stdout and "Traceback" not in refused.stderr

@@ -9,10 +9,12 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import optuna
 import pytest
+import sqlalchemy as sa
 
 from service.client import Client
-from tests.conftest import LiveServer, make_settings, study_spec
+from tests.conftest import LiveServer, free_port, make_settings, study_spec
 from workers.loop import WorkerLoop
 from workers.simulated import SimulatedTrainer, run_simulated_workers
 
@@ -265,3 +267,72 @@ def test_gpu_hour_budget_stops_new_trials(server: LiveServer) -> None:
         assert client.lease("w", {}, "h") is None
         shown = client.get_study(study["id"])
     assert shown["state"] == "completed" and shown["gpu_hours"] >= 0.5 / 3600
+
+
+def test_a_trial_reported_to_two_replicas_is_judged_on_all_its_reports(pg_url: str, tmp_path: Path) -> None:
+    # A worker's reports may reach different server processes (a load balancer, a reconnect). The one that
+    # gets a report must see the reports the other took, or Hyperband would judge the wrong rung.
+    # trial_cache_seconds is long, so only the check in `leases.report` can bring them in.
+    settings = make_settings(pg_url, tmp_path, trial_cache_seconds=600.0)
+    with LiveServer(settings) as a, LiveServer(settings) as b:
+        with Client(a.url) as ca, Client(b.url) as cb:
+            ca.create_study(study_spec("split", baseline=None))
+            lease = ca.lease("w", {}, "h")
+            trial_id = lease["trial_id"]
+            assert ca.report(trial_id, 20, 0.50) is False
+            assert cb.report(trial_id, 40, 0.60) is False
+            assert ca.report(trial_id, 60, 0.70) is False
+            assert cb.report(trial_id, 60, 0.70) is False  # a retry of the same step: the stored answer
+            expected = {20: 0.50, 40: 0.60, 60: 0.70}
+            assert a.backend.storage.get_trial(trial_id).intermediate_values == expected
+            ca.complete(trial_id, value=0.8)
+            shown = cb.get_trial(trial_id)["intermediate_values"]
+            assert {int(step): value for step, value in shown.items()} == expected
+
+
+def test_several_server_processes_share_one_study(pg_url: str, tmp_path: Path) -> None:
+    from tests.test_resilience import ServerProcess
+
+    server = ServerProcess(pg_url, tmp_path, free_port(), TUNEFLEET_SERVER_PROCESSES="2").start()
+    try:
+        with Client(server.url) as client:
+            study = client.create_study(study_spec("processes", budget={"max_trials": 30}, baseline=None))
+        got: list[int] = []
+        lock = threading.Lock()
+
+        def grab(i: int) -> None:
+            with Client(server.url) as c:  # one connection per thread: the processes share them out
+                while (lease := c.lease(f"p{i}", {}, "h")) is not None:
+                    with lock:
+                        got.append(lease["trial_id"])
+                    for step in lease["rungs"]:
+                        if c.report(lease["trial_id"], step, 0.1 + 0.5 * lease["params"]["learning_rate"] * 100):
+                            break
+                    else:
+                        c.complete(lease["trial_id"], value=0.2)
+
+        threads = [threading.Thread(target=grab, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        with Client(server.url) as client:
+            shown = client.get_study(study["id"])
+    finally:
+        server.stop()
+    assert len(got) == 30 and len(set(got)) == 30
+    assert shown["state"] == "completed" and shown["trials_used"] == 30
+    assert sum(shown["counts"].get(s, 0) for s in ("complete", "pruned")) == 30
+    # Optuna's rows and ours agree on every trial, whichever process took each call.
+    engine = sa.create_engine(pg_url)
+    storage = optuna.storages.RDBStorage(pg_url, skip_compatibility_check=True)
+    try:
+        with engine.connect() as conn:
+            reports = dict(conn.execute(sa.text("SELECT trial_id, count(*) FROM tf_reports GROUP BY trial_id")).all())
+        for trial_id in got:
+            frozen = storage.get_trial(trial_id)
+            assert frozen.state.is_finished()
+            assert len(frozen.intermediate_values) == reports[trial_id]
+    finally:
+        storage.engine.dispose()
+        engine.dispose()

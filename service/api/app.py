@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from service.config import Settings, get_settings, is_loopback
 from service.db import check_database
 from service.errors import DatabaseNotReady, TunefleetError
 
-__all__ = ["BackgroundServer", "create_app", "run_server"]
+__all__ = ["BackgroundServer", "app_from_environment", "create_app", "run_server"]
 
 log = logging.getLogger("tunefleet.server")
 
@@ -111,16 +112,28 @@ def create_app(settings: Settings | None = None, *, auth_enabled: bool | None = 
     return app
 
 
-def run_server(host: str | None = None, port: int | None = None, migrate: bool = False) -> int:
+def app_from_environment() -> FastAPI:
+    """The app of one server process when `run_server` starts several (uvicorn imports it by name)."""
+    return create_app(get_settings())
+
+
+def run_server(host: str | None = None, port: int | None = None, migrate: bool = False,
+               processes: int | None = None) -> int:
     """Check the configuration and the database, then serve; returns an exit code (never a traceback)."""
     import uvicorn
 
     settings = get_settings()
     host, port = host or settings.host, port or settings.port
+    processes = processes or settings.server_processes
     auth = settings.auth_enabled(host)
     if not auth and not is_loopback(host):
         log.error("refusing to serve on %s without auth: set TUNEFLEET_AUTH=true and create tokens with "
                   "`tunefleet token create`, or bind 127.0.0.1", host)
+        return 2
+    if processes > 1 and not settings.resolved_database_url.startswith("postgresql"):
+        log.error("%s server processes need PostgreSQL (they coordinate through its locks); the embedded "
+                  "SQLite database serves from one process: drop --processes or set TUNEFLEET_DATABASE_URL",
+                  processes)
         return 2
     from service.db import make_engine, upgrade_database
 
@@ -135,9 +148,16 @@ def run_server(host: str | None = None, port: int | None = None, migrate: bool =
     except DatabaseNotReady as exc:
         log.error("%s", exc.message)
         return 1
-    log.info("tunefleet %s on http://%s:%s (database %s, auth %s)", __version__, host, port,
-             _safe_url(settings.resolved_database_url), "on" if auth else "off (loopback only)")
-    uvicorn.run(create_app(settings, auth_enabled=auth), host=host, port=port, log_level=settings.log_level)
+    log.info("tunefleet %s on http://%s:%s (database %s, auth %s, %s process%s)", __version__, host, port,
+             _safe_url(settings.resolved_database_url), "on" if auth else "off (loopback only)", processes,
+             "es" if processes > 1 else "")
+    if processes == 1:
+        uvicorn.run(create_app(settings, auth_enabled=auth), host=host, port=port, log_level=settings.log_level)
+        return 0
+    # Each process builds its app from the environment: pass on the decisions made here.
+    os.environ.update(TUNEFLEET_AUTH=str(auth).lower(), TUNEFLEET_HOST=host, TUNEFLEET_PORT=str(port))
+    uvicorn.run("service.api.app:app_from_environment", factory=True, workers=processes, host=host, port=port,
+                log_level=settings.log_level)
     return 0
 
 
