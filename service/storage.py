@@ -46,8 +46,8 @@ from optuna.storages._rdb.models import (
     TrialUserAttributeModel,
     TrialValueModel,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.dialects import postgresql, sqlite
 
 __all__ = ["ServerStorage"]
 

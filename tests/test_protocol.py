@@ -274,20 +274,19 @@ def test_a_trial_reported_to_two_replicas_is_judged_on_all_its_reports(pg_url: s
     # gets a report must see the reports the other took, or Hyperband would judge the wrong rung.
     # trial_cache_seconds is long, so only the check in `leases.report` can bring them in.
     settings = make_settings(pg_url, tmp_path, trial_cache_seconds=600.0)
-    with LiveServer(settings) as a, LiveServer(settings) as b:
-        with Client(a.url) as ca, Client(b.url) as cb:
-            ca.create_study(study_spec("split", baseline=None))
-            lease = ca.lease("w", {}, "h")
-            trial_id = lease["trial_id"]
-            assert ca.report(trial_id, 20, 0.50) is False
-            assert cb.report(trial_id, 40, 0.60) is False
-            assert ca.report(trial_id, 60, 0.70) is False
-            assert cb.report(trial_id, 60, 0.70) is False  # a retry of the same step: the stored answer
-            expected = {20: 0.50, 40: 0.60, 60: 0.70}
-            assert a.backend.storage.get_trial(trial_id).intermediate_values == expected
-            ca.complete(trial_id, value=0.8)
-            shown = cb.get_trial(trial_id)["intermediate_values"]
-            assert {int(step): value for step, value in shown.items()} == expected
+    with LiveServer(settings) as a, LiveServer(settings) as b, Client(a.url) as ca, Client(b.url) as cb:
+        ca.create_study(study_spec("split", baseline=None))
+        lease = ca.lease("w", {}, "h")
+        trial_id = lease["trial_id"]
+        assert ca.report(trial_id, 20, 0.50) is False
+        assert cb.report(trial_id, 40, 0.60) is False
+        assert ca.report(trial_id, 60, 0.70) is False
+        assert cb.report(trial_id, 60, 0.70) is False  # a retry of the same step: the stored answer
+        expected = {20: 0.50, 40: 0.60, 60: 0.70}
+        assert a.backend.storage.get_trial(trial_id).intermediate_values == expected
+        ca.complete(trial_id, value=0.8)
+        shown = cb.get_trial(trial_id)["intermediate_values"]
+        assert {int(step): value for step, value in shown.items()} == expected
 
 
 def test_several_server_processes_share_one_study(pg_url: str, tmp_path: Path) -> None:
