@@ -37,8 +37,9 @@ import sqlalchemy as sa
 from optuna import distributions
 from optuna._typing import JSONSerializable
 from optuna.storages import RDBStorage
-from optuna.storages._cached_storage import _CachedStorage
+from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb.models import (
+    StudyModel,
     TrialIntermediateValueModel,
     TrialModel,
     TrialParamModel,
@@ -52,6 +53,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 __all__ = ["ServerStorage"]
 
 _TRIALS = TrialModel.__table__
+_STUDIES = StudyModel.__table__
 _UPDATABLE = (TrialState.RUNNING, TrialState.WAITING)
 
 
@@ -133,19 +135,16 @@ class ServerStorage(_CachedStorage):
         changed = {i for i, state in in_database.items() if states.get(i) != state}
         changed |= unfinished_here - set(in_database)  # finished by someone else
         if changed:
-            loaded = self._backend._get_trials(study_id, None, changed, 2**62)
-            with self._lock:
-                self._add_trials_to_cache(study_id, loaded)
-                unfinished = self._studies[study_id].unfinished_trial_ids
-                for trial in loaded:
-                    (unfinished.discard if trial.state.is_finished() else unfinished.add)(trial._trial_id)
+            with self._lock:  # read and install under the lock, so no write lands between them
+                for trial in self._backend._get_trials(study_id, None, changed, 2**62):
+                    self._trial_id_to_study_id_and_number[trial._trial_id] = (study_id, trial.number)
+                    self._study_id_and_number_to_trial_id[(study_id, trial.number)] = trial._trial_id
+                    self._install_locked(trial)
         return len(changed)
 
     def reload_trial(self, trial_id: int) -> FrozenTrial:
         """Read one trial from the database into memory, for a caller that knows another process wrote it."""
-        trial = self._backend.get_trial(trial_id)
-        self._install(trial)
-        return trial
+        return self._read_trial(trial_id)
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
@@ -167,14 +166,20 @@ class ServerStorage(_CachedStorage):
                     return trial
                 if self._fresh(study_id):
                     return _detached(trial)
-        trial = self._backend.get_trial(trial_id)
-        self._install(trial)
+        trial = self._read_trial(trial_id)
         return _detached(trial) if not trial.state.is_finished() else trial
 
     # ---- writes: the database first, then the copy in memory -------------------------------------------
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        trial_id = super().create_new_trial(study_id, template_trial)
+        if template_trial is not None or not self._fast:  # enqueue_trial and add_trial: Optuna's code
+            trial_id = super().create_new_trial(study_id, template_trial)
+        else:
+            trial = self._create_running_trial(study_id)
+            trial_id = trial._trial_id
+            with self._lock:
+                self._studies.setdefault(study_id, _StudyInfo())
+                self._add_trials_to_cache(study_id, [trial])
         with self._lock:
             study = self._studies[study_id]
             if not study.trials[self._trial_id_to_study_id_and_number[trial_id][1]].state.is_finished():
@@ -321,9 +326,29 @@ class ServerStorage(_CachedStorage):
                     set_={"value": insert.excluded.value, "value_type": insert.excluded.value_type}))
         return now
 
+    def _create_running_trial(self, study_id: int) -> FrozenTrial:
+        """Optuna's `_create_new_trial` without a template (every `ask` that takes no queued trial), in one
+        transaction: lock the study row, insert, number the trial by counting the study's earlier trials
+        (as Optuna does: the insert comes first, so on SQLite the write lock is held while counting)."""
+        now = datetime.now()
+        with self._backend.engine.begin() as conn:
+            locked = conn.execute(sa.select(_STUDIES.c.study_id).where(_STUDIES.c.study_id == study_id)
+                                  .with_for_update()).first()
+            if locked is None:
+                raise KeyError(f"No study with study_id {study_id} exists.")
+            trial_id = conn.execute(sa.insert(_TRIALS).values(
+                number=None, study_id=study_id, state=TrialState.RUNNING, datetime_start=now
+            ).returning(_TRIALS.c.trial_id)).scalar_one()
+            number = conn.scalar(sa.select(sa.func.count()).select_from(_TRIALS).where(
+                _TRIALS.c.study_id == study_id, _TRIALS.c.trial_id < trial_id))
+            conn.execute(sa.update(_TRIALS).where(_TRIALS.c.trial_id == trial_id).values(number=number))
+        return FrozenTrial(number=number, state=TrialState.RUNNING, value=None, values=None, datetime_start=now,
+                           datetime_complete=None, params={}, distributions={}, user_attrs={}, system_attrs={},
+                           intermediate_values={}, trial_id=trial_id)
+
     def _install_from_database(self, trial_id: int) -> None:
         try:
-            self._install(self._backend.get_trial(trial_id))
+            self._read_trial(trial_id)
         except Exception:
             self._forget_reads_of(trial_id)
 
@@ -349,15 +374,21 @@ class ServerStorage(_CachedStorage):
             if updated.state.is_finished():
                 self._studies[study_id].unfinished_trial_ids.discard(trial_id)
 
-    def _install(self, trial: FrozenTrial) -> None:
-        """Put a trial read from the database into memory (its study must be known to the cache)."""
+    def _read_trial(self, trial_id: int) -> FrozenTrial:
+        """Read a trial from the database and put it in memory. Both happen under the lock, as in Optuna's
+        own refresh: a write that committed after the read cannot then be overwritten by the older copy."""
         with self._lock:
-            located = self._trial_id_to_study_id_and_number.get(trial._trial_id)
-            if located is None:
-                return  # not loaded yet: the study's next read brings it
-            study = self._studies[located[0]]
-            study.trials[trial.number] = trial
-            if trial.state.is_finished():
-                study.unfinished_trial_ids.discard(trial._trial_id)
-            else:
-                study.unfinished_trial_ids.add(trial._trial_id)
+            trial = self._backend.get_trial(trial_id)
+            self._install_locked(trial)
+        return trial
+
+    def _install_locked(self, trial: FrozenTrial) -> None:
+        located = self._trial_id_to_study_id_and_number.get(trial._trial_id)
+        if located is None:
+            return  # its study is not loaded yet: the study's first read brings it
+        study = self._studies[located[0]]
+        study.trials[trial.number] = trial
+        if trial.state.is_finished():
+            study.unfinished_trial_ids.discard(trial._trial_id)
+        else:
+            study.unfinished_trial_ids.add(trial._trial_id)

@@ -129,3 +129,28 @@ def test_a_trial_written_elsewhere_can_be_reloaded(storage: ServerStorage, db_ur
     assert storage.get_trial(trial._trial_id).intermediate_values == {}  # memory, until told
     assert storage.reload_trial(trial._trial_id).intermediate_values == {40: 0.9}
     assert storage.get_trial(trial._trial_id).intermediate_values == {40: 0.9}
+
+
+def test_trial_numbers_stay_unique_when_asks_and_enqueues_race(storage: ServerStorage, db_url: str) -> None:
+    # The server asks under a per-study lock but enqueues retries outside it (a failed trial's parameters).
+    import threading
+
+    study = optuna.create_study(storage=storage, study_name="race")
+
+    def ask() -> None:
+        for _ in range(10):
+            study.ask(SPACE)
+
+    def enqueue() -> None:
+        for _ in range(10):
+            study.enqueue_trial({"lr": 1e-3, "rank": 8, "epochs": 2})
+
+    threads = [threading.Thread(target=f) for f in (ask, enqueue, ask, enqueue)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    numbers = [t.number for t in storage.get_all_trials(study._study_id)]
+    assert 20 <= len(numbers) <= 40  # an ask takes a queued trial when there is one
+    assert sorted(numbers) == list(range(len(numbers)))
+    _same_as_database(storage, db_url, study._study_id)
