@@ -21,6 +21,7 @@ from typing import Any
 
 import optuna
 import sqlalchemy as sa
+from optuna.storages._rdb.models import TrialModel
 from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -32,7 +33,7 @@ from service.models import Study as StudyRow
 from service.schemas import CompleteIn, FailIn, HeartbeatOut, LeaseIn, LeaseOut, ReportIn, TrialOut
 from service.studies import aware, get_trial, maybe_complete, usage
 
-__all__ = ["complete", "fail", "heartbeat", "lease", "reap_expired", "report"]
+__all__ = ["complete", "fail", "heartbeat", "lease", "reap_expired", "reap_orphans", "report"]
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -281,4 +282,41 @@ def reap_expired(backend: Backend) -> int:
             maybe_complete(backend, runtime)
         except NotFound:
             continue
+    return reaped
+
+
+def reap_orphans(backend: Backend) -> int:
+    """Fail RUNNING trials that never got a lease row, once older than a lease plus the grace period, and
+    re-queue their parameters as for an expired lease. They exist when a server process stopped between
+    `ask` and writing the lease (the lease row is written after the ask lock is released)."""
+    trials = TrialModel.__table__
+    settings = backend.settings
+    # Optuna stores naive local time.
+    cutoff = datetime.now() - timedelta(seconds=settings.lease_seconds + settings.heartbeat_grace_seconds)
+    query = (sa.select(trials.c.trial_id, trials.c.study_id)
+             .select_from(trials.outerjoin(Lease, Lease.trial_id == trials.c.trial_id))
+             .where(trials.c.state == TrialState.RUNNING, Lease.trial_id.is_(None), trials.c.datetime_start < cutoff,
+                    trials.c.study_id.in_(sa.select(StudyRow.id))))
+    with backend.session() as session:
+        orphans = session.execute(query).all()
+    reaped = 0
+    for trial_id, study_id in orphans:
+        try:
+            runtime = backend.runtime(study_id)
+        except NotFound:
+            continue
+        with backend.trial_lock(trial_id):
+            t = backend.storage.reload_trial(trial_id)
+            with backend.session() as session:
+                if t.state != TrialState.RUNNING or session.get(Lease, trial_id) is not None:
+                    continue  # finished or leased meanwhile
+                attrs = t.user_attrs
+                record = Lease(trial_id=trial_id, study_id=study_id, worker_id="", attempt=int(attrs.get("attempt", 0)),
+                               retry_of=attrs.get("retry_of"), state="active", deadline=utcnow())
+                session.add(record)  # not flushed before Optuna's calls (the ordering rule above)
+                _fail_and_maybe_requeue(backend, session, record, runtime,
+                                        "never leased: the server stopped between ask and writing the lease",
+                                        True, "expired")
+                reaped += 1
+        maybe_complete(backend, runtime)
     return reaped

@@ -335,3 +335,25 @@ def test_several_server_processes_share_one_study(pg_url: str, tmp_path: Path) -
     finally:
         storage.engine.dispose()
         engine.dispose()
+
+
+def test_a_trial_asked_but_never_leased_is_failed_and_requeued(pg_url: str, tmp_path: Path) -> None:
+    # A server process that stops between `ask` and writing the lease row leaves a RUNNING trial no lease
+    # points at. The reaper fails it once it is older than a lease, and re-queues its parameters.
+    settings = make_settings(pg_url, tmp_path, lease_seconds=1.0, reaper_interval_seconds=0.2)
+    with LiveServer(settings) as live, Client(live.url) as client:
+        study = client.create_study(study_spec("orphan", baseline=None, search={"max_retries": 1}))
+        rdb = optuna.storages.RDBStorage(pg_url, skip_compatibility_check=True)
+        direct = optuna.load_study(study_name="orphan", storage=rdb)
+        orphan = direct.ask()  # as the server's ask would, with no lease row after it
+        params = {"learning_rate": orphan.suggest_float("learning_rate", 1e-5, 1e-2, log=True),
+                  "lora_r": orphan.suggest_categorical("lora_r", [4, 8, 16, 32]),
+                  "method": orphan.suggest_categorical("method", ["lora", "full"])}
+        rdb.engine.dispose()
+        time.sleep(2.5)
+        failed = client.get_trial(orphan._trial_id)
+        assert failed["state"] == "FAIL" and "never leased" in failed["fail_reason"]
+        retry = client.lease("w", {}, "h")
+        assert retry["params"] == params and retry["attempt"] == 1
+        shown = client.get_study(study["id"])
+        assert shown["counts"]["fail"] == 1 and shown["trials_used"] == 1  # the retry takes the orphan's place

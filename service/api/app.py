@@ -26,7 +26,8 @@ log = logging.getLogger("tunefleet.server")
 
 
 class Reaper(threading.Thread):
-    """Fails and re-queues trials whose lease expired, every `reaper_interval_seconds`."""
+    """Fails and re-queues trials whose lease expired, and running trials that never got a lease, every
+    `reaper_interval_seconds`."""
 
     def __init__(self, backend: Backend):
         super().__init__(name="tunefleet-reaper", daemon=True)
@@ -34,11 +35,11 @@ class Reaper(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        from service.leases import reap_expired
+        from service.leases import reap_expired, reap_orphans
 
         while not self.stopped.wait(self.backend.settings.reaper_interval_seconds):
             try:
-                n = reap_expired(self.backend)
+                n = reap_expired(self.backend) + reap_orphans(self.backend)
                 if n:
                     metrics.REAPED.inc(n)
             except Exception:  # the reaper must outlive a database blip
