@@ -7,17 +7,18 @@ reload all running trials: with 100 workers, 100 trials per call, for each of th
 
 Here the server keeps its own copy of running trials as well:
 
-- Writes go to the database first, through Optuna's RDBStorage, exactly as before. Only after a write
-  succeeds is the in-memory copy updated (a new `FrozenTrial` object, so a sampler iterating an earlier
-  list never sees it change). Nothing is durable only in memory.
-- A state change (ask, tell, claiming a queued trial) re-reads that one trial, so timestamps and values in
-  memory are the database's.
+- Writes go to the database first. Only after a write commits is the in-memory copy updated (a new
+  `FrozenTrial` object, so a sampler iterating an earlier list never sees it change). Nothing is durable
+  only in memory. On PostgreSQL and SQLite each write is one statement (see "writes in one statement"
+  below) where RDBStorage spends an ORM session and three or four; other databases use Optuna's code.
 - Reads come from memory. The running trials are re-read from the database when the copy is older than
-  `refresh_seconds`, which only matters for writes made by someone else: another server replica, or a
-  script using Optuna on the same database. With one server process, memory and database never differ.
-  Before each ask, `sync` reads the ids and states of running, waiting and new trials (one light query)
-  and loads those that changed, so the queue and the budget are exact across server processes; only
-  other processes' intermediate values of *other* trials may lag (the pruner's view of the rungs).
+  `refresh_seconds`, which only matters for writes made by someone else: another server process or
+  replica, or a script using Optuna on the same database. With one server process, memory and database
+  never differ.
+- Before each ask, `sync` reads the ids and states of running, waiting and new trials (one light query)
+  and loads those that changed, so the queue and the budget are exact across server processes. Only
+  other processes' intermediate values of *other* trials may lag (the pruner's view of a rung); a report
+  re-reads its own trial when another process took one of its earlier reports (`leases.report`).
 
 `optuna==5.0.0` is pinned because this builds on Optuna's private `_CachedStorage`.
 """
