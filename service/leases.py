@@ -91,7 +91,8 @@ def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn) -> Lease
         if not room:
             maybe_complete(backend, runtime)
             return None
-        trial = runtime.study.ask(runtime.distributions)
+        with backend.storage.batched_ask():
+            trial = runtime.study.ask(runtime.distributions)
     # The lease row is written after the ask lock is released: the budget counts Optuna's RUNNING trials,
     # so the next ask already sees this one, and the reaper only looks at lease rows.
     try:

@@ -154,3 +154,28 @@ def test_trial_numbers_stay_unique_when_asks_and_enqueues_race(storage: ServerSt
     assert 20 <= len(numbers) <= 40  # an ask takes a queued trial when there is one
     assert sorted(numbers) == list(range(len(numbers)))
     _same_as_database(storage, db_url, study._study_id)
+
+
+def test_a_batched_ask_writes_its_values_in_one_transaction(storage: ServerStorage, db_url: str) -> None:
+    study = optuna.create_study(storage=storage, study_name="batched",
+                                sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2))
+    for _ in range(4):  # the first values of each parameter take Optuna's own checks; later ones are batched
+        with storage.batched_ask():
+            trial = study.ask(SPACE)
+        study.tell(trial, trial.params["lr"])
+    with storage.batched_ask():
+        running = study.ask(SPACE)
+        assert len(storage._local.batch.rows) >= 3  # held back until the block ends
+    assert running.params.keys() == SPACE.keys()
+    _same_as_database(storage, db_url, study._study_id)
+
+
+def test_a_failed_batched_ask_leaves_memory_as_the_database_has_it(storage: ServerStorage, db_url: str) -> None:
+    study = optuna.create_study(storage=storage, study_name="batch-fail")
+    study.tell(study.ask(SPACE), 1.0)  # parameters known: later asks are batched
+    with pytest.raises(RuntimeError), storage.batched_ask():
+        trial = study.ask(SPACE)
+        raise RuntimeError("the server stopped mid-ask")
+    # The trial row was committed on its own, its values were not: no half-truths in memory.
+    assert storage.get_trial(trial._trial_id).params == {}
+    _same_as_database(storage, db_url, study._study_id)
