@@ -164,7 +164,7 @@ class ServerStorage(_CachedStorage):
         server process or replica, a script), with one light query: the ids and states of the study's
         running and waiting trials and of trials newer than any in memory. Only trials that differ are read
         in full. Called under the ask lock, so the queue and the budget are exact across server processes.
-        Returns how many trials were read."""
+        Returns how many trials were read; -1 when the study was not loaded yet and was read whole."""
         if study_id not in self._read_at:
             self.refresh(study_id)
             return -1
@@ -264,20 +264,19 @@ class ServerStorage(_CachedStorage):
                     super().set_trial_intermediate_value, trial_id, step, intermediate_value)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        def change(t: FrozenTrial) -> None:
-            t._user_attrs = {**t._user_attrs, key: value}
-
-        row = {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
-        self._write(trial_id, change, self._insert_or_fallback, TrialUserAttributeModel, row, ("trial_id", "key"),
-                    super().set_trial_user_attr, trial_id, key, value)
+        self._set_attr(TrialUserAttributeModel, "_user_attrs", super().set_trial_user_attr, trial_id, key, value)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: JSONSerializable) -> None:
+        self._set_attr(TrialSystemAttributeModel, "_system_attrs", super().set_trial_system_attr, trial_id, key, value)
+
+    def _set_attr(self, model: Any, field_name: str, fallback: Callable[..., None], trial_id: int, key: str,
+                  value: Any) -> None:
         def change(t: FrozenTrial) -> None:
-            t._system_attrs = {**t._system_attrs, key: value}
+            setattr(t, field_name, {**getattr(t, field_name), key: value})
 
         row = {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
-        self._write(trial_id, change, self._insert_or_fallback, TrialSystemAttributeModel, row, ("trial_id", "key"),
-                    super().set_trial_system_attr, trial_id, key, value)
+        self._write(trial_id, change, self._insert_or_fallback, model, row, ("trial_id", "key"),
+                    fallback, trial_id, key, value)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState,
                                values: Sequence[float] | None = None) -> bool:
