@@ -6,7 +6,7 @@
 3. Accuracy against training-set size (the data-efficiency curve) and the size where it saturates:
    the smallest size whose best final validation score is within `--tolerance` of the best size's.
 
-Statistics come from `service.fidelity` (the same functions the per-study fidelity report uses).
+Statistics come from `tunefleet.service.fidelity` (the same functions the per-study fidelity report uses).
 
     .venv/bin/python benchmarks/research_figures.py --table benchmarks/data/curves-bbc-minilm-v1.jsonl \
         --img docs/img --out /tmp/research.md
@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from service.fidelity import kendall, spearman, top_k_overlap  # noqa: E402
-from workers.replay import RecordedConfig, ReplayTable  # noqa: E402
+from tunefleet.service.fidelity import kendall, spearman, top_k_overlap  # noqa: E402
+from tunefleet.workers.replay import RecordedConfig, ReplayTable  # noqa: E402
 
 __all__ = ["data_efficiency", "rank_by_rung", "saturation_size", "subset_top_k", "top_k_at"]
 

@@ -8,7 +8,7 @@ For each N in --workers, on a fresh PostgreSQL database each time (created and d
 - service: a `tunefleet server` subprocess on a loopback port; N worker processes, each doing cycles
   of lease + 5 reports (rungs 20..100 %) + complete over HTTP with zero training time;
 - direct: N processes on Optuna's RDBStorage, each doing ask (TPE) + 5 × (report + should_prune) + tell.
-Both sides use TPE and Hyperband (min 20 %, factor 3), and the values of `workers.simulated`, so
+Both sides use TPE and Hyperband (min 20 %, factor 3), and the values of `tunefleet.workers.simulated`, so
 pruning ends some cycles early on both sides alike. A pruned cycle counts as a trial cycle.
 
 Memory: a fresh database and server; 20 studies created through the API, each filled with 1,000
@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from service.client import Client  # noqa: E402
-from workers.simulated import simulated_quality  # noqa: E402
+from tunefleet.service.client import Client  # noqa: E402
+from tunefleet.workers.simulated import simulated_quality  # noqa: E402
 
 console = Console()
 RUNGS = [20, 40, 60, 80, 100]
@@ -143,7 +143,7 @@ def running_server(database_url: str, auth: bool, log: Path, processes: int = 1)
     env = {**os.environ, "TUNEFLEET_DATABASE_URL": database_url, "TUNEFLEET_AUTH": str(auth).lower(),
            "TUNEFLEET_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)}
     with log.open("ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", "service.cli", "server", "--migrate", "--port", str(port),
+        process = subprocess.Popen([sys.executable, "-m", "tunefleet", "server", "--migrate", "--port", str(port),
                                     "--processes", str(processes)],
                                    env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
@@ -152,8 +152,8 @@ def running_server(database_url: str, auth: bool, log: Path, processes: int = 1)
             client.wait_ready(timeout=120)
         token = None
         if auth:
-            from service.auth import create_token
-            from service.config import Settings
+            from tunefleet.service.auth import create_token
+            from tunefleet.service.config import Settings
 
             token = create_token(Settings(database_url=database_url), "benchmark", "admin")
         yield Server(url, process.pid, token)

@@ -1,7 +1,7 @@
 """Search strategies compared on recorded learning curves, at equal total training steps.
 
 Every strategy searches the recording's space; each configuration it proposes is answered by the
-nearest recorded configuration (`workers.replay`), so all strategies see the same real curves and
+nearest recorded configuration (`tunefleet.workers.replay`), so all strategies see the same real curves and
 no model is trained. Our strategies run through the real server and protocol: one study per
 (strategy, seed) on a uvicorn server in this process, one `WorkerLoop` with a `ReplayTrainer`, the
 trials read back through the client. Peers from PyPI (SMAC3's multi-fidelity facade, DEHB) run
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from workers.replay import ReplayTable, ReplayTrainer  # noqa: E402
+from tunefleet.workers.replay import ReplayTable, ReplayTrainer  # noqa: E402
 
 __all__ = [
     "FRACTIONS",
@@ -128,9 +128,9 @@ def local_server(database_url: str | None = None) -> Iterator[str]:
 
     import uvicorn
 
-    from service.api.app import create_app
-    from service.config import Settings
-    from service.db import upgrade_database
+    from tunefleet.service.api.app import create_app
+    from tunefleet.service.config import Settings
+    from tunefleet.service.db import upgrade_database
 
     with tempfile.TemporaryDirectory(prefix="tunefleet-bench-") as home:
         url = database_url or f"sqlite:///{Path(home) / 'bench.db'}"
@@ -174,7 +174,7 @@ def study_spec_for(table: ReplayTable, name: str, sampler: str, pruner: str, see
 
 def _server_run(sampler: str, pruner: str) -> Callable[[ReplayTable, int, float, BenchContext], list[Evaluation]]:
     def run(table: ReplayTable, seed: int, budget_steps: float, ctx: BenchContext) -> list[Evaluation]:
-        from workers.loop import WorkerLoop
+        from tunefleet.workers.loop import WorkerLoop
 
         client = ctx.client
         name = f"bench-{sampler}-{pruner}-s{seed}-{uuid.uuid4().hex[:6]}"
@@ -382,7 +382,7 @@ def run_benchmark(table: ReplayTable, strategies: Sequence[str], seeds: Sequence
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tunefleet-bench-")))
         client = None
         if needs_server:
-            from service.client import Client
+            from tunefleet.service.client import Client
 
             url = stack.enter_context(local_server(database_url))
             client = stack.enter_context(Client(url))

@@ -2,11 +2,11 @@
 
 Trains all-MiniLM-L6-v2 with LoRA r=8 (query, value), lr 5e-4, batch 16, 128 tokens, 1 epoch on the
 first N BBC News training articles (demo data), twice:
-  (a) through `workers.training.run_trial` with a no-op report (rungs 20/60/100: their evaluations are
+  (a) through `tunefleet.workers.training.run_trial` with a no-op report (rungs 20/60/100: their evaluations are
       timed and excluded from its throughput, as `extra["train_samples_per_second"]` does);
   (b) through a plain `Trainer` written out below, with no evaluation.
 Then loads the base model through a fresh `ModelCache` three times (first from disk, then cached).
-With --demo it also times whole demo trials (workers.demo_data.demo_spec, rungs 20/60/100, no pruning).
+With --demo it also times whole demo trials (tunefleet.demo.data.demo_spec, rungs 20/60/100, no pruning).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/worker_throughput.py --train-size 480 --demo
 """
@@ -32,11 +32,11 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from workers.data import read_records  # noqa: E402
-from workers.demo_data import demo_model_path, demo_spec, write_bbc_news  # noqa: E402
-from workers.models import ModelCache  # noqa: E402
-from workers.tasks import TASKS  # noqa: E402
-from workers.training import run_trial  # noqa: E402
+from tunefleet.demo.data import demo_model_path, demo_spec, write_bbc_news  # noqa: E402
+from tunefleet.workers.data import read_records  # noqa: E402
+from tunefleet.workers.models import ModelCache  # noqa: E402
+from tunefleet.workers.tasks import TASKS  # noqa: E402
+from tunefleet.workers.training import run_trial  # noqa: E402
 
 CONFIG = {"method": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "learning_rate": 5e-4,
           "per_device_batch_size": 16, "max_seq_length": 128, "num_epochs": 1, "eval_batch_size": 64, "seed": 0,

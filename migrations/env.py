@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from service.db import VERSION_TABLE
-from service.models import Base
+from tunefleet.service.db import VERSION_TABLE
+from tunefleet.service.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,6 +1,5 @@
-"""tunefleet's server half: study specs, the Optuna-backed search, the worker protocol, CLI and client.
+"""`tunefleet.service`: the server half. Study specs, the Optuna-backed search, the worker protocol, the
+REST API, the database, and the Python client (`tunefleet.service.client`).
 
-Nothing here imports torch; the fine-tuning code lives in the `workers` package.
+Nothing here imports torch; the fine-tuning code lives in `tunefleet.workers`.
 """
-
-__version__ = "0.1.0"

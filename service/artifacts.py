@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from service.errors import InvalidInput, NotFound
-from service.models import Artifact, Lease, utcnow
-from service.schemas import ArtifactOut
+from tunefleet.service.errors import InvalidInput, NotFound
+from tunefleet.service.models import Artifact, Lease, utcnow
+from tunefleet.service.schemas import ArtifactOut
 
 if TYPE_CHECKING:
-    from service.backend import Backend
+    from tunefleet.service.backend import Backend
 
 __all__ = ["ArtifactStore", "artifact_path", "clean_name", "list_artifacts", "record_artifact"]
 

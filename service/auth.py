@@ -8,10 +8,10 @@ import secrets
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.config import Settings
-from service.db import make_engine, transaction
-from service.errors import AuthError, Forbidden, InvalidInput, NotFound
-from service.models import Token, utcnow
+from tunefleet.service.config import Settings
+from tunefleet.service.db import make_engine, transaction
+from tunefleet.service.errors import AuthError, Forbidden, InvalidInput, NotFound
+from tunefleet.service.models import Token, utcnow
 
 __all__ = ["ROLES", "Principal", "authenticate", "create_token", "issue_token", "require_role", "revoke_token"]
 
@@ -52,7 +52,7 @@ def create_token(settings: Settings, name: str, role: str) -> str:
     """Create a token directly in the database (used by `tunefleet token create`); returns the secret."""
     engine = make_engine(settings.resolved_database_url)
     try:
-        from service.db import check_database
+        from tunefleet.service.db import check_database
 
         check_database(engine)
         with transaction(sessionmaker(engine)) as session:

@@ -21,14 +21,14 @@ import sqlalchemy as sa
 from optuna.distributions import BaseDistribution
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.artifacts import ArtifactStore
-from service.config import Settings
-from service.db import engine_kwargs, make_engine, transaction
-from service.errors import NotFound
-from service.models import Study as StudyRow
-from service.search import build_pruner, build_sampler, distributions
-from service.spec import StudySpec
-from service.storage import ServerStorage
+from tunefleet.service.artifacts import ArtifactStore
+from tunefleet.service.config import Settings
+from tunefleet.service.db import engine_kwargs, make_engine, transaction
+from tunefleet.service.errors import NotFound
+from tunefleet.service.models import Study as StudyRow
+from tunefleet.service.search import build_pruner, build_sampler, distributions
+from tunefleet.service.spec import StudySpec
+from tunefleet.service.storage import ServerStorage
 
 __all__ = ["Backend", "StudyRuntime"]
 

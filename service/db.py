@@ -17,8 +17,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.config import Settings
-from service.errors import DatabaseNotReady
+from tunefleet.service.config import Settings
+from tunefleet.service.errors import DatabaseNotReady
+from tunefleet.service.storage import OPTUNA_VERSION_TABLE
 
 __all__ = [
     "VERSION_TABLE",
@@ -31,6 +32,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 VERSION_TABLE = "tf_alembic_version"
+# alembic's script location: the `tunefleet.migrations` folder beside this package (not imported: it
+# imports the server's models itself).
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -105,7 +108,7 @@ def check_database(engine: Engine) -> None:
     url = engine.url.render_as_string(hide_password=True)
     try:
         current = current_revision(engine)
-        has_optuna = sa.inspect(engine).has_table("version_info")
+        has_optuna = sa.inspect(engine).has_table(OPTUNA_VERSION_TABLE)
     except OperationalError as exc:
         raise DatabaseNotReady(f"cannot reach the database {url}: {exc.orig}".strip()) from exc
     head = head_revision(str(engine.url))

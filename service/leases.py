@@ -21,17 +21,17 @@ from typing import Any
 
 import optuna
 import sqlalchemy as sa
-from optuna.storages._rdb.models import TrialModel
 from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.backend import Backend, StudyRuntime
-from service.errors import InvalidInput, LeaseLost, NotFound
-from service.models import Lease, Report, Worker, utcnow
-from service.models import Study as StudyRow
-from service.schemas import CompleteIn, FailIn, HeartbeatOut, LeaseIn, LeaseOut, ReportIn, TrialOut
-from service.studies import aware, get_trial, maybe_complete, usage
+from tunefleet.service.backend import Backend, StudyRuntime
+from tunefleet.service.errors import InvalidInput, LeaseLost, NotFound
+from tunefleet.service.models import Lease, Report, Worker, utcnow
+from tunefleet.service.models import Study as StudyRow
+from tunefleet.service.schemas import CompleteIn, FailIn, HeartbeatOut, LeaseIn, LeaseOut, ReportIn, TrialOut
+from tunefleet.service.storage import optuna_now, trial_storage_id, unleased_running_trials
+from tunefleet.service.studies import aware, get_trial, maybe_complete, usage
 
 __all__ = ["complete", "fail", "heartbeat", "lease", "reap_expired", "reap_orphans", "report"]
 
@@ -98,7 +98,7 @@ def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn) -> Lease
     try:
         with backend.session() as session:
             attrs = trial.user_attrs
-            record = Lease(trial_id=trial._trial_id, study_id=runtime.id, worker_id=body.worker_id,
+            record = Lease(trial_id=trial_storage_id(trial), study_id=runtime.id, worker_id=body.worker_id,
                            request_id=body.request_id, attempt=int(attrs.get("attempt", 0)),
                            retry_of=attrs.get("retry_of"), state="active", deadline=lease_deadline(backend))
             session.add(record)
@@ -111,7 +111,7 @@ def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn) -> Lease
         if isinstance(exc, IntegrityError) and body.request_id:
             return lease(backend, body)  # a concurrent retry of this request won: return its lease
         raise
-    log.info("trial %s (study %s #%s) leased to %s: %s", trial._trial_id, runtime.name, trial.number,
+    log.info("trial %s (study %s #%s) leased to %s: %s", trial_storage_id(trial), runtime.name, trial.number,
              body.worker_id, trial.params)
     return _lease_out(backend, record)
 
@@ -290,14 +290,9 @@ def reap_orphans(backend: Backend) -> int:
     """Fail RUNNING trials that never got a lease row, once older than a lease plus the grace period, and
     re-queue their parameters as for an expired lease. They exist when a server process stopped between
     `ask` and writing the lease (the lease row is written after the ask lock is released)."""
-    trials = TrialModel.__table__
     settings = backend.settings
-    # Optuna stores naive local time.
-    cutoff = datetime.now() - timedelta(seconds=settings.lease_seconds + settings.heartbeat_grace_seconds)
-    query = (sa.select(trials.c.trial_id, trials.c.study_id)
-             .select_from(trials.outerjoin(Lease, Lease.trial_id == trials.c.trial_id))
-             .where(trials.c.state == TrialState.RUNNING, Lease.trial_id.is_(None), trials.c.datetime_start < cutoff,
-                    trials.c.study_id.in_(sa.select(StudyRow.id))))
+    cutoff = optuna_now() - timedelta(seconds=settings.lease_seconds + settings.heartbeat_grace_seconds)
+    query = unleased_running_trials(sa.select(Lease.trial_id), sa.select(StudyRow.id), cutoff)
     with backend.session() as session:
         orphans = session.execute(query).all()
     reaped = 0

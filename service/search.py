@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from service.spec import CategoricalParam, FloatParam, IntParam, StudySpec
+from tunefleet.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec
 
 __all__ = ["PRUNERS", "SAMPLERS", "build_pruner", "build_sampler", "distributions", "search_problems"]
 

@@ -20,7 +20,26 @@ Here the server keeps its own copy of running trials as well:
   other processes' intermediate values of *other* trials may lag (the pruner's view of a rung); a report
   re-reads its own trial when another process took one of its earlier reports (`leases.report`).
 
-`optuna==5.0.0` is pinned because this builds on Optuna's private `_CachedStorage`.
+## Optuna's private internals: every use is in this module
+`optuna==5.0.0` is pinned because of them. No other tunefleet module imports an `optuna.*._*` name or
+reads a private attribute of an Optuna object (a test checks it); they go through the helpers here.
+
+- `optuna.storages._cached_storage._CachedStorage` and its state (`_studies`, `_StudyInfo`, `_lock`,
+  `_trial_id_to_study_id_and_number`, `_backend`, `_add_trials_to_cache`,
+  `_read_trials_from_remote_storage`): the base of `ServerStorage`, the cache Optuna itself uses.
+- `RDBStorage._get_trials`: reads only the trials that changed, in `sync`.
+- `optuna.storages._rdb.models` (`StudyModel`, `TrialModel`, the param, value, intermediate value and
+  attribute models) and their `*_to_stored_repr` helpers: the tables written in one statement below, and
+  the raw query of `unleased_running_trials`.
+- The write semantics of `RDBStorage` re-implemented in SQL: trial numbering (count of the study's
+  earlier trials, under the study row lock), naive local datetimes (`optuna_now`), rows written only
+  while a trial is RUNNING or WAITING.
+- `FrozenTrial._trial_id` and its private dicts (`trial_storage_id`, `_detached`), `Study._study_id`
+  (`study_storage_id`): Optuna has no public accessor for the storage ids.
+- `optuna._typing.JSONSerializable`: the type of system attributes.
+- `OPTUNA_VERSION_TABLE` (`version_info`): the table whose presence means Optuna's schema exists.
+
+`tests/test_storage.py` checks the writes here against RDBStorage's own reads (a differential test).
 """
 
 from __future__ import annotations
@@ -36,6 +55,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import optuna
 import sqlalchemy as sa
 from optuna import distributions
 from optuna._typing import JSONSerializable
@@ -53,7 +73,10 @@ from optuna.storages._rdb.models import (
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.dialects import postgresql, sqlite
 
-__all__ = ["ServerStorage"]
+__all__ = ["OPTUNA_VERSION_TABLE", "ServerStorage", "optuna_now", "study_storage_id", "trial_storage_id",
+           "unleased_running_trials"]
+
+OPTUNA_VERSION_TABLE = "version_info"
 
 _TRIALS = TrialModel.__table__
 _STUDIES = StudyModel.__table__
@@ -62,6 +85,30 @@ _UPDATABLE = (TrialState.RUNNING, TrialState.WAITING)
 
 def _state(value: Any) -> TrialState:
     return value if isinstance(value, TrialState) else TrialState[str(value)]
+
+
+def trial_storage_id(trial: FrozenTrial) -> int:
+    """The storage id of a trial (Optuna exposes only its per-study `number`)."""
+    return trial._trial_id
+
+
+def study_storage_id(study: optuna.Study) -> int:
+    """The storage id of a study."""
+    return study._study_id
+
+
+def optuna_now() -> datetime:
+    """Now, as Optuna stores datetimes: naive local time."""
+    return datetime.now()
+
+
+def unleased_running_trials(leased: sa.Select[Any], studies: sa.Select[Any],
+                            started_before: datetime) -> sa.Select[Any]:
+    """A query of (trial_id, study_id) of the RUNNING trials of `studies` (a query of study ids) that started
+    before `started_before` (see `optuna_now`) and whose id is not in `leased` (a query of trial ids)."""
+    return (sa.select(_TRIALS.c.trial_id, _TRIALS.c.study_id)
+            .where(_TRIALS.c.state == TrialState.RUNNING, _TRIALS.c.trial_id.not_in(leased),
+                   _TRIALS.c.datetime_start < started_before, _TRIALS.c.study_id.in_(studies)))
 
 
 def _detached(trial: FrozenTrial) -> FrozenTrial:
@@ -355,7 +402,7 @@ class ServerStorage(_CachedStorage):
     def _set_state_fast(self, trial_id: int, state: TrialState, values: Sequence[float] | None) -> datetime | None:
         """Optuna's `set_trial_state_values` in one transaction; None when the trial was not in a state this
         change applies to."""
-        now = datetime.now()  # naive local time, as Optuna stores it
+        now = optuna_now()
         update = sa.update(_TRIALS).where(_TRIALS.c.trial_id == trial_id)
         if state == TrialState.RUNNING:
             update = update.where(_TRIALS.c.state == TrialState.WAITING).values(state=state, datetime_start=now)
@@ -381,7 +428,7 @@ class ServerStorage(_CachedStorage):
         """Optuna's `_create_new_trial` without a template (every `ask` that takes no queued trial), in one
         transaction: lock the study row, insert, number the trial by counting the study's earlier trials
         (as Optuna does: the insert comes first, so on SQLite the write lock is held while counting)."""
-        now = datetime.now()
+        now = optuna_now()
         with self._backend.engine.begin() as conn:
             locked = conn.execute(sa.select(_STUDIES.c.study_id).where(_STUDIES.c.study_id == study_id)
                                   .with_for_update()).first()

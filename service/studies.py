@@ -15,13 +15,14 @@ import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.orm import Session
 
-from service.backend import Backend, StudyRuntime
-from service.errors import Conflict, InvalidInput, NotFound
-from service.models import Lease, Report, utcnow
-from service.models import Study as StudyRow
-from service.schemas import StudyOut, TrialOut
-from service.search import build_pruner, build_sampler, search_problems
-from service.spec import SpecError, StudySpec, validate_spec
+from tunefleet.service.backend import Backend, StudyRuntime
+from tunefleet.service.errors import Conflict, InvalidInput, NotFound
+from tunefleet.service.models import Lease, Report, utcnow
+from tunefleet.service.models import Study as StudyRow
+from tunefleet.service.schemas import StudyOut, TrialOut
+from tunefleet.service.search import build_pruner, build_sampler, search_problems
+from tunefleet.service.spec import SpecError, StudySpec, validate_spec
+from tunefleet.service.storage import study_storage_id, trial_storage_id
 
 __all__ = [
     "Usage", "create_study", "delete_study", "get_study", "get_trial", "list_studies", "list_trials",
@@ -98,14 +99,14 @@ def create_study(backend: Backend, data: Any) -> StudyOut:
         study.set_user_attr("tunefleet_spec", data)
         baseline_id = _enqueue_baseline(study, spec)
         with backend.session() as session:
-            session.add(StudyRow(id=study._study_id, name=spec.name, spec=data, state="running",
+            session.add(StudyRow(id=study_storage_id(study), name=spec.name, spec=data, state="running",
                                  baseline_trial_id=baseline_id))
     except BaseException:
         optuna.delete_study(study_name=spec.name, storage=backend.storage)
         raise
-    log.info("study %s (%s) created: %s sampler, %s pruner, rungs %s", study._study_id, spec.name,
+    log.info("study %s (%s) created: %s sampler, %s pruner, rungs %s", study_storage_id(study), spec.name,
              spec.search.sampler, spec.search.pruner, spec.rungs())
-    return get_study(backend, study._study_id)
+    return get_study(backend, study_storage_id(study))
 
 
 def _enqueue_baseline(study: optuna.Study, spec: StudySpec) -> int | None:
@@ -114,7 +115,7 @@ def _enqueue_baseline(study: optuna.Study, spec: StudySpec) -> int | None:
     params = {k: v for k, v in spec.baseline.items() if k in spec.search_space}
     study.enqueue_trial(params, user_attrs={"is_baseline": True, "attempt": 0})
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    return waiting[-1]._trial_id
+    return trial_storage_id(waiting[-1])
 
 
 def _row(session: Session, study_id: int) -> StudyRow:
@@ -165,7 +166,7 @@ def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> Study
         trials_used=use.used, max_trials=max_trials, progress=min(1.0, use.used / max_trials),
         gpu_hours=_lease_hours(session, row.id),
         rungs=runtime.rungs,
-        best_trial=_trial_view(best, row.id, *_trial_extras(session, [best._trial_id])) if best else None,
+        best_trial=_trial_view(best, row.id, *_trial_extras(session, [trial_storage_id(best)])) if best else None,
         baseline_trial_id=row.baseline_trial_id,
     )
 
@@ -249,15 +250,15 @@ def _trial_extras(session: Session, trial_ids: list[int]
 
 def _trial_view(t: FrozenTrial, study_id: int, leases: dict[int, Lease],
                 rung_metrics: dict[int, dict[int, dict[str, Any]]]) -> TrialOut:
-    lease = leases.get(t._trial_id)
+    lease = leases.get(trial_storage_id(t))
     attrs = dict(t.user_attrs)
     return TrialOut(
-        id=t._trial_id, study_id=study_id, number=t.number, state=t.state.name, params=t.params,
+        id=trial_storage_id(t), study_id=study_id, number=t.number, state=t.state.name, params=t.params,
         value=t.value if t.values is not None and len(t.values) == 1 else None,
         values=list(t.values) if t.values is not None else None,
         intermediate_values=dict(t.intermediate_values),
         validation_metrics=attrs.pop("validation_metrics", {}), test_metrics=attrs.pop("test_metrics", {}),
-        extra=attrs.pop("extra", {}), rung_metrics=rung_metrics.get(t._trial_id, {}), user_attrs=attrs,
+        extra=attrs.pop("extra", {}), rung_metrics=rung_metrics.get(trial_storage_id(t), {}), user_attrs=attrs,
         is_baseline=bool(attrs.get("is_baseline", False)), attempt=int(attrs.get("attempt", 0)),
         retry_of=attrs.get("retry_of"), worker_id=lease.worker_id if lease else None,
         fail_reason=(lease.fail_reason if lease else None) or attrs.get("fail_reason"),
@@ -278,7 +279,7 @@ def list_trials(backend: Backend, study_id: int, state: str | None, limit: int, 
         trials = [t for t in trials if t.state == wanted]
     page = trials[offset: offset + limit]
     with backend.session() as session:
-        extras = _trial_extras(session, [t._trial_id for t in page])
+        extras = _trial_extras(session, [trial_storage_id(t) for t in page])
         return [_trial_view(t, study_id, *extras) for t in page], len(trials)
 
 
@@ -302,7 +303,7 @@ def _study_id_of_trial(backend: Backend, trial_id: int) -> int:
 
 def study_report(backend: Backend, study_id: int) -> dict[str, Any]:
     """The fidelity report of a study (see service/fidelity.py and docs/fidelity.md)."""
-    from service.fidelity import fidelity_report
+    from tunefleet.service.fidelity import fidelity_report
 
     runtime = _current(backend, study_id)
     spec = runtime.spec

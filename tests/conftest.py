@@ -17,9 +17,9 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
-from service.api.app import BackgroundServer
-from service.config import Settings
-from service.db import upgrade_database
+from tunefleet.service.api.app import BackgroundServer
+from tunefleet.service.config import Settings
+from tunefleet.service.db import upgrade_database
 
 PG_ADMIN_URL = os.environ.get("TUNEFLEET_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 RUN_ID = uuid.uuid4().hex[:8]
@@ -97,7 +97,7 @@ class LiveServer(BackgroundServer):
     """A real uvicorn server on a loopback port, in a thread of the test process."""
 
     def __init__(self, settings: Settings):
-        from service.api.app import create_app
+        from tunefleet.service.api.app import create_app
 
         self.settings = settings
         self.app = create_app(settings)

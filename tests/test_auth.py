@@ -10,10 +10,10 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from service.api.app import run_server
-from service.auth import create_token
-from service.config import get_settings
 from tests.conftest import LiveServer, make_settings, study_spec
+from tunefleet.service.api.app import run_server
+from tunefleet.service.auth import create_token
+from tunefleet.service.config import get_settings
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_server_refuses_a_public_address_without_auth(monkeypatch: pytest.Monkey
 
 
 def test_auth_defaults_on_for_public_addresses_and_off_on_loopback() -> None:
-    from service.config import Settings
+    from tunefleet.service.config import Settings
 
     assert Settings(auth=None).auth_enabled("0.0.0.0") is True
     assert Settings(auth=None).auth_enabled("127.0.0.1") is False

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from service.cli import app
 from tests.conftest import LiveServer, study_spec
+from tunefleet.cli import app
 
 runner = CliRunner()
 
@@ -29,9 +29,9 @@ def test_study_lifecycle_through_the_cli(server: LiveServer, tmp_path: Path) -> 
     spec_file.write_text(yaml.safe_dump(study_spec("cli-study", budget={"max_trials": 4})))
     study_id = int(_run(server, "study", "create", str(spec_file), "-q").strip())
     assert "cli-study" in _run(server, "study", "ls")
-    from service.client import Client
-    from workers.loop import WorkerLoop
-    from workers.simulated import SimulatedTrainer
+    from tunefleet.service.client import Client
+    from tunefleet.workers.loop import WorkerLoop
+    from tunefleet.workers.simulated import SimulatedTrainer
 
     with Client(server.url) as client:
         WorkerLoop(client, SimulatedTrainer(), worker_id="w", device="cpu", once=True, idle_sleep=0.1,
@@ -59,7 +59,7 @@ def test_bad_spec_and_unknown_study_print_one_line_and_exit_1(server: LiveServer
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], env={**os.environ, **env},
+    return subprocess.run([sys.executable, "-m", "tunefleet", *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=120)
 
 

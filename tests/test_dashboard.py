@@ -9,10 +9,10 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 import httpx
 from optuna_dashboard import wsgi
 
-from service.client import Client
 from tests.conftest import LiveServer, free_port, study_spec
-from workers.loop import WorkerLoop
-from workers.simulated import SimulatedTrainer
+from tunefleet.service.client import Client
+from tunefleet.workers.loop import WorkerLoop
+from tunefleet.workers.simulated import SimulatedTrainer
 
 
 class _Quiet(WSGIRequestHandler):

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from service.api.app import run_server
-from service.config import Settings, get_settings
-from service.db import check_database, head_revision, make_engine, upgrade_database
-from service.errors import DatabaseNotReady
 from tests.conftest import _db_url, _drop, _pg_connect
+from tunefleet.service.api.app import run_server
+from tunefleet.service.config import Settings, get_settings
+from tunefleet.service.db import check_database, head_revision, make_engine, upgrade_database
+from tunefleet.service.errors import DatabaseNotReady
 
 
 @pytest.fixture

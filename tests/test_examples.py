@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.spec import parse_spec_text, validate_spec
+from tunefleet.service.spec import parse_spec_text, validate_spec
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
 

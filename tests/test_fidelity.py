@@ -14,7 +14,8 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from service.fidelity import (
+from tunefleet.fidelity_plots import PLOTS, render_report
+from tunefleet.service.fidelity import (
     TrialRecord,
     binomial_bootstrap_diff_ci,
     bootstrap_diff_ci,
@@ -24,7 +25,6 @@ from service.fidelity import (
     steps_saved,
     top_k_overlap,
 )
-from service.reporting import PLOTS, render_report
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

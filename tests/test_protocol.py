@@ -13,10 +13,10 @@ import optuna
 import pytest
 import sqlalchemy as sa
 
-from service.client import Client
 from tests.conftest import LiveServer, free_port, make_settings, study_spec
-from workers.loop import WorkerLoop
-from workers.simulated import SimulatedTrainer, run_simulated_workers
+from tunefleet.service.client import Client
+from tunefleet.workers.loop import WorkerLoop
+from tunefleet.workers.simulated import SimulatedTrainer, run_simulated_workers
 
 
 def _run_loop(url: str, tmp_path: Path, name: str = "w0", **trainer_options: object) -> int:
@@ -168,7 +168,7 @@ def test_sixteen_concurrent_workers_never_share_a_trial(server: LiveServer, tmp_
     with server.backend.session() as session:
         from sqlalchemy import func, select
 
-        from service.models import Lease
+        from tunefleet.service.models import Lease
 
         per_trial = session.execute(select(Lease.trial_id, func.count()).group_by(Lease.trial_id)).all()
         workers = {w for (w,) in session.execute(select(Lease.worker_id))}

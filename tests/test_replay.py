@@ -12,10 +12,10 @@ import pytest
 from benchmarks.record_curves import RECORD_RUNGS, sample_configs, synthetic_spec, write_synthetic
 from benchmarks.research_figures import data_efficiency, rank_by_rung, saturation_size, subset_top_k
 from benchmarks.strategies import QUICK, anytime, run_benchmark, study_spec_for, summarise
-from service.client import Client
 from tests.conftest import LiveServer
-from workers.loop import WorkerLoop
-from workers.replay import RecordedConfig, ReplayTable, ReplayTrainer, interpolate, steps_at
+from tunefleet.service.client import Client
+from tunefleet.workers.loop import WorkerLoop
+from tunefleet.workers.replay import RecordedConfig, ReplayTable, ReplayTrainer, interpolate, steps_at
 
 TINY = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "curves-synthetic-tiny.jsonl"
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 
-from service.client import Client
 from tests.conftest import free_port, study_spec
-from workers.loop import WorkerLoop
-from workers.simulated import SimulatedTrainer, start_simulated_workers
+from tunefleet.service.client import Client
+from tunefleet.workers.loop import WorkerLoop
+from tunefleet.workers.simulated import SimulatedTrainer, start_simulated_workers
 
 
 class ServerProcess:
@@ -30,7 +30,8 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServerProcess:
-        code = f"from service.api.app import run_server; raise SystemExit(run_server('127.0.0.1', {self.port}))"
+        code = ("from tunefleet.service.api.app import run_server; "
+                f"raise SystemExit(run_server('127.0.0.1', {self.port}))")
         self.proc = subprocess.Popen([sys.executable, "-c", code], env=self.env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from service.storage import ServerStorage
+from tunefleet.service.storage import ServerStorage
 
 SPACE = {
     "lr": FloatDistribution(1e-5, 1e-2, log=True),

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.errors import DataError
+from tunefleet.workers.errors import DataError
 
 __all__ = ["SPLITS", "Splits", "label_vocabulary", "load_splits", "read_records"]
 

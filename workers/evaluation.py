@@ -1,6 +1,6 @@
 """Metrics, computed from plain predictions (no torch): classification, BIO entities, JSON attributes.
 
-Names match `service.spec.TASK_METRICS`; `loss` (evaluation loss) comes from the Trainer.
+Names match `tunefleet.service.spec.TASK_METRICS`; `loss` (evaluation loss) comes from the Trainer.
 Entity-level F1 follows the CoNLL convention (as seqeval does in its default mode): an entity counts
 only when its type and both boundaries are right.
 """

@@ -1,7 +1,7 @@
 """The worker's pull loop: lease a trial, train it, report at each rung, complete or fail, repeat.
 
 Torch-free: training is behind the `Trainer` protocol. `HFTrainer` adapts the real trainer
-(`workers.training.run_trial`, imported lazily); `workers.simulated.SimulatedTrainer` is the
+(`tunefleet.workers.training.run_trial`, imported lazily); `tunefleet.workers.simulated.SimulatedTrainer` is the
 torch-free stand-in for tests and benchmarks.
 
 What the loop promises:
@@ -30,8 +30,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, TypeVar
 
-from service.client import ApiError, AuthError, Client, ConflictError, NotFoundError, ServerUnavailable
-from workers.errors import TrialFailed, TrialInterrupted
+from tunefleet.service.client import ApiError, AuthError, Client, ConflictError, NotFoundError, ServerUnavailable
+from tunefleet.workers.errors import TrialFailed, TrialInterrupted
 
 __all__ = [
     "HFTrainer",
@@ -55,7 +55,7 @@ ReportFn = Callable[[int, float, dict[str, Any]], bool]
 
 
 class Outcome(Protocol):
-    """What a trainer returns; `workers.training.TrialOutcome` and `TrialResult` have this shape."""
+    """What a trainer returns; `tunefleet.workers.training.TrialOutcome` and `TrialResult` have this shape."""
 
     pruned: bool
     value: float | None
@@ -102,8 +102,8 @@ class HFTrainer:
     def run(
         self, lease: Mapping[str, Any], report: ReportFn, should_stop: Callable[[], bool], workdir: Path
     ) -> Outcome:
-        from workers.models import ModelCache  # torch: only in processes that train
-        from workers.training import run_trial
+        from tunefleet.workers.models import ModelCache  # torch: only in processes that train
+        from tunefleet.workers.training import run_trial
 
         if self._cache is None:
             self._cache = ModelCache()

@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from workers.errors import InvalidConfig
-from workers.tasks import Task
+from tunefleet.workers.errors import InvalidConfig
+from tunefleet.workers.tasks import Task
 
 __all__ = ["METHODS", "apply_method", "count_parameters", "head_modules", "is_peft", "save_model",
            "transformer_layers"]

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.errors import ModelLoadError
-from workers.tasks import Task
+from tunefleet.workers.errors import ModelLoadError
+from tunefleet.workers.tasks import Task
 
 __all__ = ["LoadedModel", "ModelCache"]
 

@@ -2,7 +2,7 @@
 
 A recording (`benchmarks/record_curves.py`) holds configurations trained to the full budget, with the
 objective at fine rungs (every 10%), the final validation and test metrics and the optimizer steps
-the training took. `ReplayTrainer` implements `workers.loop.Trainer`: for a leased trial it finds the
+the training took. `ReplayTrainer` implements `tunefleet.workers.loop.Trainer`: for a leased trial it finds the
 nearest recorded configuration and reports that configuration's curve at the lease's rungs, then
 completes with its recorded final metrics — through the real server and protocol, in milliseconds.
 
@@ -17,7 +17,7 @@ Values between recorded percents are interpolated linearly; before the first rec
 first recorded value is used (no score is recorded at 0%). A recorded percent is answered exactly.
 
 The simulated clock is training steps: a trial stopped at p% of the budget consumed
-`ceil(p / 100 × total_steps)` optimizer steps of its configuration, as `workers.training` counts a
+`ceil(p / 100 × total_steps)` optimizer steps of its configuration, as `tunefleet.workers.training` counts a
 rung. Each report carries `steps_used` in its metrics and the completion in `extra`; the trainer
 also keeps the running total (`ReplayTrainer.steps_used`). Nothing sleeps.
 """
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.errors import TrialFailed, TrialInterrupted
-from workers.loop import ReportFn, TrialResult
+from tunefleet.workers.errors import TrialFailed, TrialInterrupted
+from tunefleet.workers.loop import ReportFn, TrialResult
 
 __all__ = ["INACTIVE_WHEN", "RecordedConfig", "ReplayTable", "ReplayTrainer", "interpolate", "steps_at"]
 
@@ -59,7 +59,7 @@ def interpolate(curve: Mapping[int, float], pct: float) -> float:
 
 
 def steps_at(pct: float, total_steps: int) -> int:
-    """Optimizer steps consumed when training stops at `pct` percent (the rung step workers.training uses)."""
+    """Optimizer steps consumed when training stops at `pct` percent (the rung step tunefleet.workers.training uses)."""
     if pct <= 0:
         return 0
     return min(total_steps, max(1, math.ceil(total_steps * pct / 100)))
@@ -221,7 +221,7 @@ def _records_from_raw(raw: Sequence[Mapping[str, Any]]) -> list[RecordedConfig]:
 
 
 class ReplayTrainer:
-    """`workers.loop.Trainer` that answers each lease from a `ReplayTable` (see the module docstring).
+    """`tunefleet.workers.loop.Trainer` that answers each lease from a `ReplayTable` (see the module docstring).
 
     `steps_used` is the total of optimizer steps consumed by every trial run so far (the simulated
     clock). When `budget_steps` is given and a trial's end brings the total to it or beyond,

@@ -28,8 +28,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from workers.errors import TrialFailed, TrialInterrupted
-from workers.loop import ReportFn, TrialResult
+from tunefleet.workers.errors import TrialFailed, TrialInterrupted
+from tunefleet.workers.loop import ReportFn, TrialResult
 
 __all__ = [
     "SimulatedTrainer",
@@ -106,7 +106,7 @@ def _metrics(objectives: list[tuple[str, str]], quality: float) -> dict[str, flo
 
 
 class SimulatedTrainer:
-    """Implements `workers.loop.Trainer` without torch.
+    """Implements `tunefleet.workers.loop.Trainer` without torch.
 
     - `seconds_per_rung`: wall time spent before each rung (checked for stop requests every 50 ms);
     - `fail_with`: raise at rung index `fail_at_rung` (0 = before the first report); a string means
@@ -211,8 +211,8 @@ class SimulatedTrainer:
 
 def _worker_main(server_url: str, token: str | None, index: int, loop_options: dict[str, Any],
                  trainer_options: dict[str, Any], workdir: str, log_level: str) -> None:
-    from service.client import AuthError, Client
-    from workers.loop import WorkerLoop
+    from tunefleet.service.client import AuthError, Client
+    from tunefleet.workers.loop import WorkerLoop
 
     logging.basicConfig(level=log_level, format=f"%(asctime)s sim{index} %(levelname)s %(message)s")
     worker_id = f"{socket.gethostname()}-sim{index}"

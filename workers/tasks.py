@@ -1,7 +1,7 @@
 """Tasks by name: which model class to load, how to tokenize examples, which metrics to compute.
 
 `TASKS` maps the spec's `task` to a `Task`; a new task is one class plus one entry. Each task's
-metric names are exactly `service.spec.TASK_METRICS[task]` (the Trainer adds `loss`).
+metric names are exactly `tunefleet.service.spec.TASK_METRICS[task]` (the Trainer adds `loss`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from workers.data import Splits, label_vocabulary
-from workers.errors import DataError
-from workers.evaluation import attribute_metrics, classification_metrics, entity_metrics, parse_json_object
+from tunefleet.workers.data import Splits, label_vocabulary
+from tunefleet.workers.errors import DataError
+from tunefleet.workers.evaluation import attribute_metrics, classification_metrics, entity_metrics, parse_json_object
 
 __all__ = ["TASKS", "CausalLM", "Prepared", "SequenceClassification", "Task", "TokenClassification", "get_task"]
 
@@ -267,7 +267,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (SequenceClassification(), TokenCla
 
 def get_task(name: str) -> Task:
     """The task registered under `name`; raises InvalidConfig for an unknown one."""
-    from workers.errors import InvalidConfig
+    from tunefleet.workers.errors import InvalidConfig
 
     try:
         return TASKS[name]

@@ -26,11 +26,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from workers.data import Splits, load_splits
-from workers.errors import InvalidConfig, NonFiniteLoss, OutOfMemory, TrialFailed, TrialInterrupted
-from workers.methods import apply_method, count_parameters, save_model
-from workers.models import ModelCache
-from workers.tasks import Prepared, Task, get_task
+from tunefleet.workers.data import Splits, load_splits
+from tunefleet.workers.errors import InvalidConfig, NonFiniteLoss, OutOfMemory, TrialFailed, TrialInterrupted
+from tunefleet.workers.methods import apply_method, count_parameters, save_model
+from tunefleet.workers.models import ModelCache
+from tunefleet.workers.tasks import Prepared, Task, get_task
 
 __all__ = ["DEFAULTS", "TrialOutcome", "resolve_config", "run_trial"]
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 Report = Callable[[int, float, dict[str, float]], bool]
 
-# Values used for every catalog parameter (service.spec.TRAINING_PARAMS) a study neither fixes nor
+# Values used for every catalog parameter (tunefleet.service.spec.TRAINING_PARAMS) a study neither fixes nor
 # searches. "Library defaults" for LoRA (peft / HF examples), so a spec's baseline means something.
 DEFAULTS: dict[str, Any] = {
     "method": "lora",
@@ -179,7 +179,7 @@ def _data_section(spec: Mapping[str, Any]) -> dict[str, Any]:
     # The spec's own schema fills defaults, so a hand-written dict behaves like a validated spec.
     from pydantic import ValidationError
 
-    from service.spec import DataSpec
+    from tunefleet.service.spec import DataSpec
 
     try:
         return DataSpec.model_validate(spec["data"]).model_dump()

@@ -13,12 +13,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import __version__
-from service.api import metrics, studies, tokens, trials
-from service.backend import Backend
-from service.config import Settings, get_settings, is_loopback
-from service.db import check_database
-from service.errors import DatabaseNotReady, TunefleetError
+from tunefleet import __version__
+from tunefleet.service.api import metrics, studies, tokens, trials
+from tunefleet.service.backend import Backend
+from tunefleet.service.config import Settings, get_settings, is_loopback
+from tunefleet.service.db import check_database
+from tunefleet.service.errors import DatabaseNotReady, TunefleetError
 
 __all__ = ["BackgroundServer", "app_from_environment", "create_app", "run_server"]
 
@@ -35,7 +35,7 @@ class Reaper(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        from service.leases import reap_expired, reap_orphans
+        from tunefleet.service.leases import reap_expired, reap_orphans
 
         while not self.stopped.wait(self.backend.settings.reaper_interval_seconds):
             try:
@@ -136,7 +136,7 @@ def run_server(host: str | None = None, port: int | None = None, migrate: bool =
                   "SQLite database serves from one process: drop --processes or set TUNEFLEET_DATABASE_URL",
                   processes)
         return 2
-    from service.db import make_engine, upgrade_database
+    from tunefleet.service.db import make_engine, upgrade_database
 
     try:
         if migrate:
@@ -157,7 +157,7 @@ def run_server(host: str | None = None, port: int | None = None, migrate: bool =
         return 0
     # Each process builds its app from the environment: pass on the decisions made here.
     os.environ.update(TUNEFLEET_AUTH=str(auth).lower(), TUNEFLEET_HOST=host, TUNEFLEET_PORT=str(port))
-    uvicorn.run("service.api.app:app_from_environment", factory=True, workers=processes, host=host, port=port,
+    uvicorn.run("tunefleet.service.api.app:app_from_environment", factory=True, workers=processes, host=host, port=port,
                 log_level=settings.log_level)
     return 0
 

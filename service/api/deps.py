@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.auth import ANONYMOUS_ADMIN, Principal, authenticate, require_role
-from service.backend import Backend
+from tunefleet.service.auth import ANONYMOUS_ADMIN, Principal, authenticate, require_role
+from tunefleet.service.backend import Backend
 
 __all__ = ["Admin", "BackendDep", "Reader", "UserOrAdmin", "WorkerOrAdmin"]
 

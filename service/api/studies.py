@@ -6,10 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Query, Response, status
 
-from service import studies
-from service.api.deps import BackendDep, Reader, UserOrAdmin
-from service.errors import NotFound
-from service.schemas import Page, StudyOut, TrialOut
+from tunefleet.service import studies
+from tunefleet.service.api.deps import BackendDep, Reader, UserOrAdmin
+from tunefleet.service.errors import NotFound
+from tunefleet.service.schemas import Page, StudyOut, TrialOut
 
 router = APIRouter(prefix="/api/v1/studies", tags=["studies"])
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sqlalchemy as sa
 from fastapi import APIRouter, Response, status
 
-from service.api.deps import Admin, BackendDep
-from service.auth import issue_token, revoke_token
-from service.models import Token
-from service.schemas import TokenIn, TokenOut
+from tunefleet.service.api.deps import Admin, BackendDep
+from tunefleet.service.auth import issue_token, revoke_token
+from tunefleet.service.models import Token
+from tunefleet.service.schemas import TokenIn, TokenOut
 
 router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
 

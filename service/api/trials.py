@@ -9,12 +9,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from service import leases, studies
-from service.api import metrics
-from service.api.deps import BackendDep, Reader, WorkerOrAdmin
-from service.artifacts import artifact_path, clean_name, list_artifacts, record_artifact
-from service.errors import InvalidInput
-from service.schemas import (
+from tunefleet.service import leases, studies
+from tunefleet.service.api import metrics
+from tunefleet.service.api.deps import BackendDep, Reader, WorkerOrAdmin
+from tunefleet.service.artifacts import artifact_path, clean_name, list_artifacts, record_artifact
+from tunefleet.service.errors import InvalidInput
+from tunefleet.service.schemas import (
     ArtifactOut,
     CompleteIn,
     FailIn,

@@ -7,10 +7,10 @@ import json
 import pandas as pd
 import pytest
 
-from workers.data import load_splits, read_records
-from workers.demo_data import DEMO_SIZES, demo_model_path, demo_spec, write_bbc_news
-from workers.errors import DataError
-from workers.evaluation import (
+from tunefleet.demo.data import DEMO_SIZES, demo_model_path, demo_spec, write_bbc_news
+from tunefleet.workers.data import load_splits, read_records
+from tunefleet.workers.errors import DataError
+from tunefleet.workers.evaluation import (
     attribute_metrics,
     bio_entities,
     classification_metrics,
@@ -112,7 +112,7 @@ def test_demo_model_and_data(tmp_path):
 
 
 def test_demo_spec_is_a_valid_study(tmp_path):
-    from service.spec import validate_spec
+    from tunefleet.service.spec import validate_spec
 
     spec = validate_spec(demo_spec(tmp_path))
     assert spec.rungs()[0] == 20 and spec.rungs()[-1] == 100

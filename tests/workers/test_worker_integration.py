@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import Trainer
 
-from service.client import Client
 from tests.conftest import LiveServer, make_settings
-from workers.loop import HFTrainer, WorkerLoop
+from tunefleet.service.client import Client
+from tunefleet.workers.loop import HFTrainer, WorkerLoop
 
 
 def _spec(make_spec: Callable[..., dict[str, Any]], name: str, **overrides: Any) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def test_sigkilled_worker_trial_is_requeued_and_finished_by_another(live, make_s
         spec["fixed"]["max_steps"] = 200  # long enough to be killed mid-training
         study = client.create_study(spec)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        victim = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--server", live.url, "--once",
+        victim = subprocess.Popen([sys.executable, "-m", "tunefleet", "worker", "--server", live.url, "--once",
                                    "--worker-id", "victim", "--workdir", str(tmp_path / "victim")], env=env)
         try:
             deadline = time.monotonic() + 240

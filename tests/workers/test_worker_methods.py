@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from service.spec import TASK_METRICS
 from tests.workers.fakes import Reports
-from workers.errors import InvalidConfig
-from workers.methods import apply_method, count_parameters
-from workers.tasks import TASKS
-from workers.training import resolve_config, run_trial
+from tunefleet.service.spec import TASK_METRICS
+from tunefleet.workers.errors import InvalidConfig
+from tunefleet.workers.methods import apply_method, count_parameters
+from tunefleet.workers.tasks import TASKS
+from tunefleet.workers.training import resolve_config, run_trial
 
 LABELS = ["bad", "good"]
 

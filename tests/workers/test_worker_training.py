@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import Trainer
 
-from service.spec import TASK_METRICS
 from tests.workers.fakes import Reports
-from workers.errors import DataError, ModelLoadError, NonFiniteLoss, OutOfMemory, TrialInterrupted
-from workers.training import _rung_steps, _TaskTrainer, resolve_config, run_trial
+from tunefleet.service.spec import TASK_METRICS
+from tunefleet.workers.errors import DataError, ModelLoadError, NonFiniteLoss, OutOfMemory, TrialInterrupted
+from tunefleet.workers.training import _rung_steps, _TaskTrainer, resolve_config, run_trial
 
 RUNGS = [20, 60, 100]
 
@@ -151,7 +151,7 @@ def test_model_cache_reuses_the_base_model(make_spec, tmp_path, cache):
 
 
 def test_cached_copy_is_fresh_and_seeded(tiny_bert, cache):
-    from workers.tasks import TASKS
+    from tunefleet.workers.tasks import TASKS
 
     task = TASKS["sequence-classification"]
     a = cache.model(str(tiny_bert), task, ["a", "b"], seed=1).model
@@ -257,9 +257,9 @@ def test_artifact_dir_is_under_workdir(make_spec, tmp_path, cache):
 
 
 def _causal_prepared(make_spec, cache):
-    from service.spec import DataSpec
-    from workers.data import load_splits
-    from workers.tasks import TASKS
+    from tunefleet.service.spec import DataSpec
+    from tunefleet.workers.data import load_splits
+    from tunefleet.workers.tasks import TASKS
 
     task, spec = TASKS["causal-lm"], make_spec("causal-lm", sizes=(16, 8, 8))
     data = DataSpec.model_validate(spec["data"]).model_dump()

@@ -28,10 +28,10 @@ console = Console()
 
 def run_demo(trials: int = 16, workers: int = 1, port: int = 0, keep_server: bool = False) -> dict[str, Any]:
     """Run the demo study; returns the final study and its fidelity report."""
-    from service.client import Client
-    from service.config import get_settings
-    from service.db import upgrade_database
-    from workers.demo_data import demo_spec, write_bbc_news
+    from tunefleet.demo.data import demo_spec, write_bbc_news
+    from tunefleet.service.client import Client
+    from tunefleet.service.config import get_settings
+    from tunefleet.service.db import upgrade_database
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model ships in a package: never reach for the hub
     settings = get_settings()
@@ -49,7 +49,7 @@ def run_demo(trials: int = 16, workers: int = 1, port: int = 0, keep_server: boo
                   f"search    TPE + Hyperband, first rung at 20% of each trial's budget, {trials} trials, "
                   f"baseline {spec['baseline']}")
 
-    from service.api.app import BackgroundServer, create_app
+    from tunefleet.service.api.app import BackgroundServer, create_app
 
     with BackgroundServer(create_app(settings, auth_enabled=False), port=port) as server, \
             Client(server.url) as client:
@@ -77,7 +77,7 @@ def run_demo(trials: int = 16, workers: int = 1, port: int = 0, keep_server: boo
 def _start_workers(url: str, n: int, log_path: Path) -> list[subprocess.Popen[bytes]]:
     log_file = log_path.open("ab")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "service.cli", "worker", "--server", url, "--once", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "tunefleet", "worker", "--server", url, "--once", "--device", "cpu"]
     return [subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env) for _ in range(n)]
 
 
@@ -157,7 +157,7 @@ def _write_html(settings: Any, study_name: str, report: dict[str, Any], home: Pa
     """The HTML report with plots, read straight from the study database."""
     import optuna
 
-    from service.reporting import render_report
+    from tunefleet.fidelity_plots import render_report
 
     try:
         study = optuna.load_study(study_name=study_name, storage=settings.resolved_database_url)

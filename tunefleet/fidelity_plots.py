@@ -1,6 +1,6 @@
 """Rendering of the fidelity report: PNG plots, and one self-contained HTML page or one PNG sheet.
 
-The numbers come from `service.fidelity.fidelity_report`; this module only draws them. Optuna's
+The numbers come from `tunefleet.service.fidelity.fidelity_report`; this module only draws them. Optuna's
 matplotlib plots are used for the optimisation history, the intermediate values and the parameter
 importances; only the rung-vs-final scatter is ours. Rendering is headless (Agg) and serialised by a
 lock, because pyplot keeps global state that is not thread-safe and the server renders from a
@@ -23,7 +23,7 @@ import optuna
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from service.fidelity import FINAL_STEP, TrialRecord, records_from_study
+from tunefleet.service.fidelity import FINAL_STEP, TrialRecord, records_from_study
 
 __all__ = ["PLOTS", "render_plots", "render_report", "report_html"]
 

@@ -1,0 +1,5 @@
+"""`python -m tunefleet`: the `tunefleet` command."""
+
+from tunefleet.cli import app
+
+app()

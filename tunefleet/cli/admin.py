@@ -1,0 +1,102 @@
+"""Commands that run or administer a server: `server`, `db upgrade`, `dashboard`, `token ...`."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from tunefleet.cli.app import app as root_app
+from tunefleet.cli.app import client_for, command, db_app, settings, token_app
+from tunefleet.cli.render import console, err_console, records_table
+
+__all__ = ["dashboard_storage_url"]
+
+
+class Role(str, Enum):
+    admin = "admin"
+    user = "user"
+    worker = "worker"
+
+
+
+@command(root_app)
+def server(
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default: settings' host, 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: settings' port, 8000)")] = None,
+    migrate: Annotated[bool | None, typer.Option(
+        help="Upgrade the database schema before serving. Default: only for the embedded SQLite default; "
+             "a configured database is upgraded with `tunefleet db upgrade`.")] = None,
+    processes: Annotated[int | None, typer.Option(
+        min=1, help="Server processes (PostgreSQL only; default: settings' server_processes, 1). About one "
+                    "per CPU core when many workers call the server.")] = None,
+) -> None:
+    """Run the API server (uvicorn) on the configured database."""
+    from tunefleet.service.api.app import run_server
+
+    if migrate is None:
+        migrate = settings().database_url is None
+    code = run_server(host, port, migrate, processes)  # None: the settings' values
+    if code:
+        raise typer.Exit(code)
+
+
+@command(db_app, "upgrade")
+def db_upgrade() -> None:
+    """Create or upgrade the tunefleet and Optuna tables (TUNEFLEET_DATABASE_URL)."""
+    from tunefleet.service.db import upgrade_database
+
+    revision = upgrade_database(settings())
+    console.print(f"[green]database ready[/] at schema revision [bold]{revision}[/]")
+
+
+@command(root_app)
+def dashboard(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8080,
+) -> None:
+    """Run optuna-dashboard on the server's database."""
+    import optuna_dashboard
+
+    url = dashboard_storage_url(settings().resolved_database_url)
+    console.print(f"optuna-dashboard on [bold]http://{host}:{port}[/]")
+    optuna_dashboard.run_server(url, host=host, port=port)
+
+
+def dashboard_storage_url(url: str) -> str:
+    """SQLAlchemy 2.1 reads a bare `postgresql://` as psycopg 3, which is not installed: name psycopg2."""
+    for bare in ("postgresql://", "postgres://"):
+        if url.startswith(bare):
+            return "postgresql+psycopg2://" + url.removeprefix(bare)
+    return url
+
+
+
+@command(token_app, "create")
+def token_create(
+    name: Annotated[str, typer.Option(help="Who or what uses the token, e.g. ci or node1.")],
+    role: Annotated[Role, typer.Option(help="admin, user or worker.")],
+) -> None:
+    """Create a token directly in the database (so the first admin token can be made); prints it once."""
+    from tunefleet.service.auth import create_token
+
+    plain = create_token(settings(), name, role.value)
+    err_console.print(f"[green]created[/] {role.value} token [bold]{escape(name)}[/]; it is shown only now:")
+    console.print(plain, soft_wrap=True, highlight=False)
+
+
+@command(token_app, "ls")
+def token_ls(ctx: typer.Context) -> None:
+    """List tokens (admin)."""
+    console.print(records_table(client_for(ctx).list_tokens(), title="tokens"))
+
+
+@command(token_app, "revoke")
+def token_revoke(ctx: typer.Context, token_id: Annotated[int, typer.Argument(help="Token id.")]) -> None:
+    """Revoke a token (admin)."""
+    client_for(ctx).revoke_token(token_id)
+    console.print(f"[green]revoked[/] token {token_id}")
+
+

@@ -1,0 +1,80 @@
+"""Running workers on this node: one worker process in the foreground, or a fleet of them, one per GPU.
+
+Composition code: it builds a `WorkerLoop` from the client and a trainer, and supervises worker
+subprocesses (`tunefleet worker --device cuda:i`) for `tunefleet worker --gpus`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from tunefleet.service.client import Client
+
+__all__ = ["run_worker", "run_worker_fleet"]
+
+_stderr = Console(stderr=True)
+
+
+def run_worker(url: str, token: str | None, *, device: str, worker_id: str | None, max_trials: int | None,
+               once: bool, simulated: bool, workdir: Path, idle_sleep: float, log_level: str) -> None:
+    """Train trials from the server at `url` on `device` until stopped (or until no work, with `once`)."""
+    from rich.logging import RichHandler
+
+    from tunefleet.workers.loop import HFTrainer, Trainer, WorkerLoop, default_worker_id
+
+    logging.basicConfig(level=log_level.upper(), format="%(message)s",
+                        handlers=[RichHandler(console=_stderr, show_path=False)])
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the trial log
+    trainer: Trainer
+    if simulated:
+        from tunefleet.workers.simulated import SimulatedTrainer
+
+        trainer = SimulatedTrainer()
+    else:
+        importlib.import_module("tunefleet.workers.training")  # fail now, not at the first lease, without torch
+        trainer = HFTrainer(device)
+    with Client(url, token) as client:
+        loop = WorkerLoop(client, trainer, worker_id=worker_id or default_worker_id(device), device=device,
+                          max_trials=max_trials, once=once, idle_sleep=idle_sleep, workdir=workdir)
+        loop.install_signal_handlers()
+        loop.run()
+
+
+def run_worker_fleet(url: str, token: str | None, indices: list[int], options: Mapping[str, Any]) -> int:
+    """One `tunefleet worker --device cuda:i` subprocess per GPU; forwards SIGTERM/SIGINT, returns the
+    worst exit status."""
+    flags: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags += [flag] if value else []
+        elif value is not None:
+            flags += [flag, str(value)]
+    # The token travels in the environment, not argv, so `ps` does not show it.
+    env = {**os.environ, "TUNEFLEET_SERVER": url, **({"TUNEFLEET_TOKEN": token} if token else {})}
+    # Own sessions: a terminal's Ctrl-C reaches only this parent, which forwards it once; two signals
+    # would make a child quit at once instead of re-queueing its trial.
+    children = [subprocess.Popen([sys.executable, "-m", "tunefleet", "worker", "--device", f"cuda:{i}", *flags],
+                                 env=env, start_new_session=True) for i in indices]
+    _stderr.print(f"started {len(children)} workers on GPUs {', '.join(map(str, indices))}")
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(abs(child.wait()) for child in children)
+
+
