@@ -288,7 +288,7 @@ def record(out: Path, *, n: int, seed: int, max_minutes: float | None, device: s
     existing file was recorded with another seed or spec (mixing them would corrupt the design).
     """
     from tunefleet.demo.data import write_bbc_news
-    from tunefleet.workers.models import ModelCache
+    from tunefleet.workers.model_cache import ModelCache
 
     jsonl, meta_path = out.with_suffix(".jsonl"), out.with_suffix(".meta.json")
     write_bbc_news(data_dir, seed=0)

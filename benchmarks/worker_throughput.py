@@ -34,7 +34,7 @@ from transformers import (  # noqa: E402
 
 from tunefleet.demo.data import demo_model_path, demo_spec, write_bbc_news  # noqa: E402
 from tunefleet.workers.data import read_records  # noqa: E402
-from tunefleet.workers.models import ModelCache  # noqa: E402
+from tunefleet.workers.model_cache import ModelCache  # noqa: E402
 from tunefleet.workers.tasks import TASKS  # noqa: E402
 from tunefleet.workers.training import run_trial  # noqa: E402
 

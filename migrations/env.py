@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 
 from tunefleet.service.db import VERSION_TABLE
-from tunefleet.service.models import Base
+from tunefleet.service.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from tunefleet.service.errors import InvalidInput, NotFound
-from tunefleet.service.models import Artifact, Lease, utcnow
 from tunefleet.service.schemas import ArtifactOut
+from tunefleet.service.tables import Artifact, Lease, utcnow
 
 if TYPE_CHECKING:
     from tunefleet.service.backend import Backend

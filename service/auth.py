@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tunefleet.service.config import Settings
 from tunefleet.service.db import make_engine, transaction
 from tunefleet.service.errors import AuthError, Forbidden, InvalidInput, NotFound
-from tunefleet.service.models import Token, utcnow
+from tunefleet.service.tables import Token, utcnow
 
 __all__ = ["ROLES", "Principal", "authenticate", "create_token", "issue_token", "require_role", "revoke_token"]
 

@@ -25,10 +25,10 @@ from tunefleet.service.artifacts import ArtifactStore
 from tunefleet.service.config import Settings
 from tunefleet.service.db import engine_kwargs, make_engine, transaction
 from tunefleet.service.errors import NotFound
-from tunefleet.service.models import Study as StudyRow
 from tunefleet.service.search import build_pruner, build_sampler, distributions
 from tunefleet.service.spec import StudySpec
 from tunefleet.service.storage import ServerStorage
+from tunefleet.service.tables import Study as StudyRow
 
 __all__ = ["Backend", "StudyRuntime"]
 

@@ -27,11 +27,11 @@ from sqlalchemy.orm import Session
 
 from tunefleet.service.backend import Backend, StudyRuntime
 from tunefleet.service.errors import InvalidInput, LeaseLost, NotFound
-from tunefleet.service.models import Lease, Report, Worker, utcnow
-from tunefleet.service.models import Study as StudyRow
 from tunefleet.service.schemas import CompleteIn, FailIn, HeartbeatOut, LeaseIn, LeaseOut, ReportIn, TrialOut
 from tunefleet.service.storage import optuna_now, trial_storage_id, unleased_running_trials
 from tunefleet.service.studies import aware, get_trial, maybe_complete, usage
+from tunefleet.service.tables import Lease, RungReport, Worker, utcnow
+from tunefleet.service.tables import Study as StudyRow
 
 __all__ = ["complete", "fail", "heartbeat", "lease", "reap_expired", "reap_orphans", "report"]
 
@@ -158,7 +158,8 @@ def report(backend: Backend, trial_id: int, body: ReportIn) -> bool:
         raise InvalidInput(f"report value {body.value} is not finite: fail the trial instead "
                            "(POST /trials/{id}/fail with the reason)")
     with _locked_lease(backend, trial_id) as (session, record, runtime):
-        answers = dict(session.execute(sa.select(Report.step, Report.prune).where(Report.trial_id == trial_id)).all())
+        answered = sa.select(RungReport.step, RungReport.prune).where(RungReport.trial_id == trial_id)
+        answers = dict(session.execute(answered).all())
         if body.step in answers:
             return answers[body.step]
         if record.state == "pruned":
@@ -177,7 +178,8 @@ def report(backend: Backend, trial_id: int, body: ReportIn) -> bool:
         if prune:
             runtime.study.tell(trial.number, state=TrialState.PRUNED)
             record.state, record.finished_at = "pruned", utcnow()
-        session.add(Report(trial_id=trial_id, step=body.step, value=body.value, metrics=body.metrics, prune=prune))
+        session.add(RungReport(trial_id=trial_id, step=body.step, value=body.value, metrics=body.metrics,
+                               prune=prune))
         # Set before the commit: a failed commit leaves a count that differs next time, hence a re-read.
         if prune:
             backend.reports_handled.pop(trial_id, None)

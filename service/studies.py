@@ -17,12 +17,12 @@ from sqlalchemy.orm import Session
 
 from tunefleet.service.backend import Backend, StudyRuntime
 from tunefleet.service.errors import Conflict, InvalidInput, NotFound
-from tunefleet.service.models import Lease, Report, utcnow
-from tunefleet.service.models import Study as StudyRow
 from tunefleet.service.schemas import StudyOut, TrialOut
 from tunefleet.service.search import build_pruner, build_sampler, search_problems
 from tunefleet.service.spec import SpecError, StudySpec, validate_spec
 from tunefleet.service.storage import study_storage_id, trial_storage_id
+from tunefleet.service.tables import Lease, RungReport, utcnow
+from tunefleet.service.tables import Study as StudyRow
 
 __all__ = [
     "Usage", "create_study", "delete_study", "get_study", "get_trial", "list_studies", "list_trials",
@@ -209,7 +209,7 @@ def delete_study(backend: Backend, study_id: int) -> None:
     with backend.session() as session:
         row = _row(session, study_id)
         name = row.name
-        session.execute(sa.delete(Report).where(Report.trial_id.in_(
+        session.execute(sa.delete(RungReport).where(RungReport.trial_id.in_(
             sa.select(Lease.trial_id).where(Lease.study_id == study_id))))
         session.execute(sa.delete(Lease).where(Lease.study_id == study_id))
         session.delete(row)
@@ -243,7 +243,7 @@ def _trial_extras(session: Session, trial_ids: list[int]
                   ) -> tuple[dict[int, Lease], dict[int, dict[int, dict[str, Any]]]]:
     leases = {lease.trial_id: lease for lease in session.scalars(sa.select(Lease).where(Lease.trial_id.in_(trial_ids)))}
     rung_metrics: dict[int, dict[int, dict[str, Any]]] = {}
-    for rep in session.scalars(sa.select(Report).where(Report.trial_id.in_(trial_ids))):
+    for rep in session.scalars(sa.select(RungReport).where(RungReport.trial_id.in_(trial_ids))):
         rung_metrics.setdefault(rep.trial_id, {})[rep.step] = rep.metrics
     return leases, rung_metrics
 

@@ -168,7 +168,7 @@ def test_sixteen_concurrent_workers_never_share_a_trial(server: LiveServer, tmp_
     with server.backend.session() as session:
         from sqlalchemy import func, select
 
-        from tunefleet.service.models import Lease
+        from tunefleet.service.tables import Lease
 
         per_trial = session.execute(select(Lease.trial_id, func.count()).group_by(Lease.trial_id)).all()
         workers = {w for (w,) in session.execute(select(Lease.worker_id))}

@@ -102,7 +102,7 @@ class HFTrainer:
     def run(
         self, lease: Mapping[str, Any], report: ReportFn, should_stop: Callable[[], bool], workdir: Path
     ) -> Outcome:
-        from tunefleet.workers.models import ModelCache  # torch: only in processes that train
+        from tunefleet.workers.model_cache import ModelCache  # torch: only in processes that train
         from tunefleet.workers.training import run_trial
 
         if self._cache is None:

@@ -29,7 +29,7 @@ from transformers.trainer_callback import PrinterCallback
 from tunefleet.workers.data import Splits, load_splits
 from tunefleet.workers.errors import InvalidConfig, NonFiniteLoss, OutOfMemory, TrialFailed, TrialInterrupted
 from tunefleet.workers.methods import apply_method, count_parameters, save_model
-from tunefleet.workers.models import ModelCache
+from tunefleet.workers.model_cache import ModelCache
 from tunefleet.workers.tasks import Prepared, Task, get_task
 
 __all__ = ["DEFAULTS", "TrialOutcome", "resolve_config", "run_trial"]

@@ -7,8 +7,8 @@ from fastapi import APIRouter, Response, status
 
 from tunefleet.service.api.deps import Admin, BackendDep
 from tunefleet.service.auth import issue_token, revoke_token
-from tunefleet.service.models import Token
 from tunefleet.service.schemas import TokenIn, TokenOut
+from tunefleet.service.tables import Token
 
 router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
 

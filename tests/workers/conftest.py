@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from tunefleet.demo.data import demo_model_path  # noqa: E402
-from tunefleet.workers.models import ModelCache  # noqa: E402
+from tunefleet.workers.model_cache import ModelCache  # noqa: E402
 
 FILLER = ("the", "a", "shop", "item", "this", "with", "for", "new", "sale", "today", "nice", "box", "of", "and")
 COLORS = ("red", "blue", "green", "black")

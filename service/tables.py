@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Artifact", "Base", "Lease", "Report", "Study", "Token", "Worker", "utcnow"]
+__all__ = ["Artifact", "Base", "Lease", "RungReport", "Study", "Token", "Worker", "utcnow"]
 
 
 def utcnow() -> datetime:
@@ -58,7 +58,7 @@ class Lease(Base):
     fail_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
-class Report(Base):
+class RungReport(Base):
     """One intermediate evaluation, and the pruner's answer to it, so a retried report gets the same answer."""
 
     __tablename__ = "tf_reports"
