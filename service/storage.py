@@ -141,11 +141,15 @@ class ServerStorage(_CachedStorage):
         self._fast = dialect in ("postgresql", "sqlite")
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         self._local = threading.local()
+        # Trials of an open `batched_ask`: memory is ahead of the database for them until the batch is
+        # written, so no database read may replace their copy in memory (guarded by `self._lock`).
+        self._pending: set[int] = set()
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)
         self._refresh_locks = {}
         self._local = threading.local()
+        self._pending = set()
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
@@ -168,6 +172,7 @@ class ServerStorage(_CachedStorage):
             if batch.rows:
                 self._flush(batch)
         except BaseException:
+            self._release(batch)
             for trial_id in batch.trials:  # memory back to what the database holds
                 self._forget_reads_of(trial_id)
                 with contextlib.suppress(Exception):
@@ -175,6 +180,11 @@ class ServerStorage(_CachedStorage):
             raise
         finally:
             self._local.batch = None
+            self._release(batch)
+
+    def _release(self, batch: _Batch) -> None:
+        with self._lock:
+            self._pending -= batch.trials
 
     def _flush(self, batch: _Batch) -> None:
         with self._backend.engine.begin() as conn:  # one statement per row, one commit
@@ -270,11 +280,12 @@ class ServerStorage(_CachedStorage):
             trial = self._create_running_trial(study_id)
             trial_id = trial._trial_id
             batch = getattr(self._local, "batch", None)
-            if batch is not None:
-                batch.trials.add(trial_id)
             with self._lock:
                 self._studies.setdefault(study_id, _StudyInfo())
                 self._add_trials_to_cache(study_id, [trial])
+                if batch is not None:
+                    batch.trials.add(trial_id)
+                    self._pending.add(trial_id)
         with self._lock:
             study = self._studies[study_id]
             if not study.trials[self._trial_id_to_study_id_and_number[trial_id][1]].state.is_finished():
@@ -476,11 +487,24 @@ class ServerStorage(_CachedStorage):
         """Read a trial from the database and put it in memory. Both happen under the lock, as in Optuna's
         own refresh: a write that committed after the read cannot then be overwritten by the older copy."""
         with self._lock:
+            if trial_id in self._pending:  # memory is ahead of the database until its batch is written
+                study_id, number = self._trial_id_to_study_id_and_number[trial_id]
+                return self._studies[study_id].trials[number]
             trial = self._backend.get_trial(trial_id)
             self._install_locked(trial)
         return trial
 
+    def _add_trials_to_cache(self, study_id: int, trials: list[FrozenTrial]) -> None:
+        # Optuna's refresh installs what it read through here: never over a trial of an open batch, whose
+        # parameters are in memory and not yet in the database (another thread's read would drop them).
+        if self._pending:
+            study = self._studies[study_id]
+            trials = [t for t in trials if t._trial_id not in self._pending or t.number not in study.trials]
+        super()._add_trials_to_cache(study_id, trials)
+
     def _install_locked(self, trial: FrozenTrial) -> None:
+        if trial._trial_id in self._pending:
+            return  # memory is ahead of the database (see `_add_trials_to_cache`)
         located = self._trial_id_to_study_id_and_number.get(trial._trial_id)
         if located is None:
             return  # its study is not loaded yet: the study's first read brings it

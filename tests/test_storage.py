@@ -179,3 +179,18 @@ def test_a_failed_batched_ask_leaves_memory_as_the_database_has_it(storage: Serv
     # The trial row was committed on its own, its values were not: no half-truths in memory.
     assert storage.get_trial(trial._trial_id).params == {}
     _same_as_database(storage, db_url, study._study_id)
+
+
+def test_a_read_during_a_batched_ask_keeps_its_parameters(storage: ServerStorage, db_url: str) -> None:
+    """Another request of the same process may re-read the study from the database while an ask's values
+    are still held back; that read must not drop them (it once leased a trial without parameters)."""
+    study = optuna.create_study(storage=storage, study_name="batch-read")
+    study.tell(study.ask(SPACE), 1.0)  # parameters known: later asks are batched
+    with storage.batched_ask():
+        trial = study.ask(SPACE)
+        assert storage._local.batch.rows, "the values are held back"
+        storage.refresh(study._study_id)  # what a concurrent report's read does, from the database
+        assert storage.get_trial(trial._trial_id).params == trial.params
+    assert storage.get_trial(trial._trial_id).params == trial.params
+    assert storage.get_all_trials(study._study_id)[-1].params == trial.params
+    _same_as_database(storage, db_url, study._study_id)
