@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -349,13 +350,51 @@ def _pydantic_error(error: Any) -> dict[str, Any]:
 
 
 def parse_spec_text(text: str) -> dict[str, Any]:
-    """Parse YAML or JSON (JSON is YAML) into a plain dict; raises ValueError on a syntax error."""
+    """Parse a spec file's text into a plain dict; raises ValueError on a syntax error.
+
+    JSON is parsed as JSON. Anything else is YAML, with YAML 1.2's numbers: PyYAML follows YAML 1.1, where
+    `5e-5` (no dot) is the string '5e-5', which a spec would then refuse as a learning rate.
+    """
+    import json
+
     import yaml
 
+    json_error: json.JSONDecodeError | None = None
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            return _mapping(json.loads(text))
+        except json.JSONDecodeError as exc:
+            json_error = exc  # perhaps YAML's flow style: try that before giving up
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ValueError(f"the spec is not valid YAML/JSON: {exc}") from exc
+        if json_error is not None:
+            raise ValueError(f"the spec is not valid JSON: {json_error}") from json_error
+        raise ValueError(f"the spec is not valid YAML: {exc}") from exc
+    return _mapping(data)
+
+
+def _mapping(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError("the spec must be a mapping (name, model, task, data, objective, search_space, ...)")
     return data
+
+
+def _yaml12_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader whose floats follow YAML 1.2 (`1e-5`, `5E+3` without a dot are floats)."""
+
+    float_re = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                              |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                              |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                              |[-+]?\.(?:inf|Inf|INF)
+                              |\.(?:nan|NaN|NAN))$""", re.X)
+    Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+                                      for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", float_re, list("-+0123456789."))
+    return Loader
+
+
+_Yaml12Loader = _yaml12_loader()
