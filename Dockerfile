@@ -6,6 +6,8 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY workers ./workers
 COPY migrations ./migrations
+# One package, tunefleet: its service/, workers/ and migrations/ are links to the folders above.
+COPY tunefleet ./tunefleet
 
 # The server needs no torch.
 FROM base AS server

@@ -23,11 +23,14 @@ demo: $(STAMP)
 ## The test suite against the real PostgreSQL at 127.0.0.1:5432 (started here if it is down).
 test: $(STAMP)
 	@pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start
-	$(VENV)/bin/ruff check service workers tests benchmarks migrations
+	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest
 
+## ruff, the import contracts between layers (import-linter) and the type checker (mypy).
 lint: $(STAMP)
-	$(VENV)/bin/ruff check service workers tests benchmarks migrations
+	$(VENV)/bin/ruff check service workers migrations tunefleet tests benchmarks
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 bench-service: $(STAMP)
 	$(PY) benchmarks/service_throughput.py

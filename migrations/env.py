@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
-from sqlalchemy import engine_from_config, pool
+from sqlalchemy import Connection, engine_from_config, pool
 
 from tunefleet.service.db import VERSION_TABLE
 from tunefleet.service.tables import Base
@@ -12,9 +14,9 @@ config = context.config
 target_metadata = Base.metadata
 
 
-def _include(obj, name, type_, reflected, compare_to):  # type: ignore[no-untyped-def]
+def _include(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
     # Autogenerate must only see our tf_ tables, never Optuna's.
-    return type_ != "table" or name.startswith("tf_")
+    return type_ != "table" or (name or "").startswith("tf_")
 
 
 def run_migrations() -> None:
@@ -29,7 +31,7 @@ def run_migrations() -> None:
         _run(connection)
 
 
-def _run(connection) -> None:  # type: ignore[no-untyped-def]
+def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,

@@ -10,6 +10,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -20,6 +21,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from tunefleet.service.config import Settings
 from tunefleet.service.errors import DatabaseNotReady
 from tunefleet.service.storage import OPTUNA_VERSION_TABLE
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 __all__ = [
     "VERSION_TABLE",
@@ -53,7 +57,7 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets optuna-dashboard and the CLI read while the server writes.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -79,7 +83,7 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
-def _alembic_config(url: str):  # type: ignore[no-untyped-def]
+def _alembic_config(url: str) -> Config:
     from alembic.config import Config
 
     cfg = Config()

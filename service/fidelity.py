@@ -394,7 +394,8 @@ def _find_baseline(records: list[TrialRecord], number: int | None) -> TrialRecor
     # A retried baseline leaves failed attempts behind: prefer the one that completed.
     candidates = [t for t in records if t.is_baseline]
     complete = [t for t in candidates if t.state == "COMPLETE"]
-    return (complete or candidates or [None])[0]
+    chosen = complete or candidates
+    return chosen[0] if chosen else None
 
 
 def _test_size(metrics: Mapping[str, Any]) -> int | None:

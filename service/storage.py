@@ -87,7 +87,7 @@ def _state(value: Any) -> TrialState:
     return value if isinstance(value, TrialState) else TrialState[str(value)]
 
 
-def trial_storage_id(trial: FrozenTrial) -> int:
+def trial_storage_id(trial: FrozenTrial | optuna.Trial) -> int:
     """The storage id of a trial (Optuna exposes only its per-study `number`)."""
     return trial._trial_id
 
@@ -448,8 +448,8 @@ class ServerStorage(_CachedStorage):
             trial_id = conn.execute(sa.insert(_TRIALS).values(
                 number=None, study_id=study_id, state=TrialState.RUNNING, datetime_start=now
             ).returning(_TRIALS.c.trial_id)).scalar_one()
-            number = conn.scalar(sa.select(sa.func.count()).select_from(_TRIALS).where(
-                _TRIALS.c.study_id == study_id, _TRIALS.c.trial_id < trial_id))
+            number = conn.execute(sa.select(sa.func.count()).select_from(_TRIALS).where(
+                _TRIALS.c.study_id == study_id, _TRIALS.c.trial_id < trial_id)).scalar_one()
             conn.execute(sa.update(_TRIALS).where(_TRIALS.c.trial_id == trial_id).values(number=number))
         return FrozenTrial(number=number, state=TrialState.RUNNING, value=None, values=None, datetime_start=now,
                            datetime_complete=None, params={}, distributions={}, user_attrs={}, system_attrs={},

@@ -189,7 +189,7 @@ def _best_trial(runtime: StudyRuntime, trials: list[FrozenTrial]) -> FrozenTrial
     if not complete:
         return None
     maximize = runtime.spec.objectives[0].direction == "maximize"
-    return (max if maximize else min)(complete, key=lambda t: t.value)
+    return (max if maximize else min)(complete, key=lambda t: float(t.value or 0.0))  # value is not None
 
 
 def set_study_state(backend: Backend, study_id: int, action: str) -> StudyOut:

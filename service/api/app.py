@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tunefleet import __version__
 from tunefleet.service.api import metrics, studies, tokens, trials
@@ -50,10 +51,10 @@ class _Timing:
     """Request latency per route into Prometheus; a plain ASGI middleware (no per-request task like
     Starlette's BaseHTTPMiddleware, which costs on the workers' hot path)."""
 
-    def __init__(self, app):  # type: ignore[no-untyped-def]
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -32,7 +32,7 @@ def get_principal(request: Request, backend: BackendDep) -> Principal:
     return principal
 
 
-def _role(*roles: str):  # type: ignore[no-untyped-def]
+def _role(*roles: str) -> Any:
     def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
         require_role(principal, *roles)
         return principal
