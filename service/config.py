@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings", "is_loopback"]
+__all__ = ["Settings", "get_settings", "is_loopback", "normalise_database_url"]
 
 DEFAULT_HOME = Path(".tunefleet")
 
@@ -51,8 +51,10 @@ class Settings(BaseSettings):
 
     @property
     def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL every part of tunefleet opens: the configured one (a bare `postgresql://`
+        or `postgres://` naming psycopg2, see `normalise_database_url`), else the embedded SQLite file."""
         if self.database_url:
-            return self.database_url
+            return normalise_database_url(self.database_url)
         return f"sqlite:///{(self.home / 'tunefleet.db').resolve()}"
 
     @property
@@ -63,6 +65,19 @@ class Settings(BaseSettings):
         if self.auth is not None:
             return self.auth
         return not is_loopback(host or self.host)
+
+
+def normalise_database_url(url: str) -> str:
+    """`url` with a bare `postgresql://` or `postgres://` scheme rewritten to `postgresql+psycopg2://`;
+    any other URL unchanged.
+
+    SQLAlchemy 2.1 reads a bare `postgresql://` as psycopg 3, which tunefleet does not install (it uses
+    psycopg2), and rejects `postgres://` (the spelling Heroku-style hosts hand out) altogether.
+    """
+    for bare in ("postgresql://", "postgres://"):
+        if url.startswith(bare):
+            return "postgresql+psycopg2://" + url.removeprefix(bare)
+    return url
 
 
 def is_loopback(host: str) -> bool:

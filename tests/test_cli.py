@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,136 @@ def test_several_server_processes_need_postgresql(sqlite_url: str, tmp_path: Pat
                    "server", "--port", "1", "--processes", "2")
     assert refused.returncode == 2, refused.stderr
     assert "need PostgreSQL" in refused.stderr + refused.stdout and "Traceback" not in refused.stderr
+
+
+def _help(*command: str) -> str:
+    """A command's --help text with the box drawing and line wrapping flattened to single spaces."""
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.replace("│", " ").split())
+
+
+def test_pause_lets_running_trials_finish_as_its_help_says(server: LiveServer) -> None:
+    assert "no new trials are leased; running trials go on and finish" in _help("study", "pause")
+    assert "re-queued" not in _help("study", "pause")
+    from tunefleet.service.client import Client
+
+    with Client(server.url) as client:
+        study = client.create_study(study_spec("pause-finishes", budget={"max_trials": 4}))
+        lease = client.lease("w", {"type": "cpu"}, "host")
+        assert lease is not None
+        assert "is now paused" in _run(server, "study", "pause", str(study["id"]))
+        assert client.heartbeat(lease["trial_id"], "w")["stop"] is False  # not told to stop
+        assert client.lease("w2", {"type": "cpu"}, "host") is None  # no new leases
+        client.report(lease["trial_id"], 20, 0.5)
+        client.complete(lease["trial_id"], value=0.7)
+        assert client.get_trial(lease["trial_id"])["state"] == "COMPLETE"
+        assert client.get_study(study["id"])["state"] == "paused"
+
+
+def test_stop_help_matches_what_stop_does(server: LiveServer) -> None:
+    assert "told to stop at their next heartbeat and are not re-queued" in _help("study", "stop")
+    from tunefleet.service.client import Client
+
+    with Client(server.url) as client:
+        study = client.create_study(study_spec("stop-tells", budget={"max_trials": 4}))
+        lease = client.lease("w", {"type": "cpu"}, "host")
+        assert lease is not None
+        _run(server, "study", "stop", str(study["id"]))
+        assert client.heartbeat(lease["trial_id"], "w")["stop"] is True
+        client.fail(lease["trial_id"], "stopped by the server", retryable=True)  # what a worker then does
+        assert client.list_trials(study["id"], state="WAITING")["total"] == 0  # not re-queued
+
+
+def test_piped_study_ls_keeps_full_names_and_states(server: LiveServer) -> None:
+    name = "product-attributes-generative-lora-sweep-on-the-shared-cluster-2026-11-28"
+    from tunefleet.service.client import Client
+
+    with Client(server.url) as client:
+        client.create_study(study_spec(name))
+        paused = client.create_study(study_spec(name + "-paused"))
+        client.pause_study(paused["id"])
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # as in a cron job or `| grep`
+    result = subprocess.run([sys.executable, "-m", "tunefleet", "--server", server.url, "study", "ls"],
+                            env=env, capture_output=True, stdin=subprocess.DEVNULL,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("│")[2].strip(): line.split("│")[3].strip()
+            for line in result.stdout.splitlines() if line.startswith("│")}
+    assert rows == {name: "running", name + "-paused": "paused"}, result.stdout
+
+
+def _new_database(prefix: str) -> str:
+    from tests.conftest import _pg_connect
+
+    name = f"{prefix}_{os.getpid()}_{time.monotonic_ns() % 10**6}"
+    conn = _pg_connect()
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    return name
+
+
+def _bare_url(name: str, scheme: str) -> str:
+    """`<scheme>://user@host:port/name` for the test server: no driver named, as users write it."""
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import PG_ADMIN_URL
+
+    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    return scheme + "://" + url.split("://", 1)[1]
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_db_upgrade_accepts_a_bare_postgresql_url(scheme: str, pg_template: str, tmp_path: Path) -> None:
+    from tests.conftest import _drop
+
+    name = _new_database("tf_bare")
+    env = {"TUNEFLEET_DATABASE_URL": _bare_url(name, scheme), "TUNEFLEET_HOME": str(tmp_path)}
+    try:
+        upgraded = _cli(env, "db", "upgrade")
+        assert upgraded.returncode == 0, upgraded.stderr
+        assert "0001" in upgraded.stdout and "psycopg'" not in upgraded.stderr
+        token = _cli(env, "token", "create", "--name", "ops", "--role", "admin")
+        assert token.returncode == 0 and token.stdout.strip().startswith("tf_"), token.stderr
+    finally:
+        _drop(name)
+
+
+def test_database_urls_are_normalised_in_one_place(tmp_path: Path) -> None:
+    from tunefleet.service.config import Settings, normalise_database_url
+
+    assert Settings(database_url="postgresql://u:p@h:5432/d").resolved_database_url == \
+        "postgresql+psycopg2://u:p@h:5432/d"
+    assert normalise_database_url("postgres://h/d") == "postgresql+psycopg2://h/d"
+    for unchanged in ("postgresql+psycopg2://h/d", "postgresql+asyncpg://h/d", "sqlite:///x.db"):
+        assert normalise_database_url(unchanged) == unchanged
+    assert Settings(home=tmp_path).resolved_database_url.startswith("sqlite:///")
+
+
+def test_dashboard_opens_a_bare_postgresql_url(pg_url: str, tmp_path: Path) -> None:
+    import httpx
+
+    from tests.conftest import free_port
+
+    bare = _bare_url(pg_url.rsplit("/", 1)[1], "postgresql")
+    port = free_port()
+    env = {**os.environ, "TUNEFLEET_DATABASE_URL": bare, "TUNEFLEET_HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "tunefleet", "dashboard", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/api/studies", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        else:
+            proc.kill()
+            raise AssertionError(f"dashboard did not answer: {proc.communicate(timeout=10)}")
+        assert answer.status_code == 200 and "study_summaries" in answer.json()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)

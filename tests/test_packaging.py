@@ -72,7 +72,7 @@ def test_the_wheel_holds_only_the_tunefleet_package(wheel: Path) -> None:
 
 def test_the_sdist_holds_real_files_not_links(tmp_path: Path) -> None:
     source = _tracked_copy(tmp_path / "src")
-    code = "from setuptools import build_meta as b; print(b.build_sdist(%r))" % str(tmp_path / "sdist")
+    code = f"from setuptools import build_meta as b; print(b.build_sdist({str(tmp_path / 'sdist')!r}))"
     _run(sys.executable, "-c", code, cwd=source)
     (sdist,) = (tmp_path / "sdist").glob("*.tar.gz")
     with tarfile.open(sdist) as tar:

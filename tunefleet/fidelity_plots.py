@@ -25,7 +25,8 @@ from matplotlib.lines import Line2D
 
 from tunefleet.service.fidelity import FINAL_STEP, TrialRecord, records_from_study
 
-__all__ = ["PLOTS", "render_plots", "render_report", "report_html"]
+__all__ = ["MIN_TRIALS_FOR_IMPORTANCES", "PLOTS", "importances_title", "render_plots", "render_report",
+           "report_html"]
 
 matplotlib.use("Agg")  # headless: the server and the CLI never open a window
 import matplotlib.pyplot as plt  # noqa: E402  (pyplot must come after the backend is chosen)
@@ -33,6 +34,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (pyplot must come after the backe
 Format = Literal["html", "png"]
 _LOCK = threading.Lock()
 _DPI = 110
+# Below this many completed trials an importance ranking mostly reflects which values the sampler happened
+# to try: the plot and table say so (the same threshold as the report's warning on rank correlations).
+MIN_TRIALS_FOR_IMPORTANCES = 10
 _STATE_STYLE = {  # how each trial state is drawn in the intermediate-values plot
     "COMPLETE": {"linestyle": "-", "alpha": 0.9},
     "PRUNED": {"linestyle": "--", "alpha": 0.6, "color": "#888888"},
@@ -140,7 +144,17 @@ def _param_importances(study: optuna.Study, records: Sequence[TrialRecord],
         return _placeholder("Parameter importances", "not available (see the report's warnings)")
     # The report computes importances of the single objective only, so Optuna's default target fits.
     ax = optuna.visualization.matplotlib.plot_param_importances(study)
+    ax.set_title(importances_title(report))
     return ax.figure
+
+
+def importances_title(report: Mapping[str, Any]) -> str:
+    """The importances' title; it adds "from N completed trials: indicative only" when fewer than
+    MIN_TRIALS_FOR_IMPORTANCES trials completed."""
+    n = report.get("n_complete")
+    if n is None or n >= MIN_TRIALS_FOR_IMPORTANCES:
+        return "Parameter importances"
+    return f"Parameter importances from {n} completed trials: indicative only"
 
 
 # plot name (and PNG file stem) -> (caption, drawing function); a new plot is one entry here.
@@ -302,7 +316,7 @@ def report_html(study_name: str, report: Mapping[str, Any], pngs: Mapping[str, b
               "<h2>Tuned vs baseline on the test set</h2>", _comparison_table(report),
               _trials_table(report)]
     if report.get("importances"):
-        parts += ["<h2>Parameter importances</h2>",
+        parts += [f"<h2>{html.escape(importances_title(report))}</h2>",
                   _table(["parameter", "importance"], list(report["importances"].items()))]
     for name, data in pngs.items():
         caption = html.escape(PLOTS[name][0] if name in PLOTS else name)

@@ -6,9 +6,12 @@ torch-free stand-in for tests and benchmarks.
 
 What the loop promises:
 - it never crashes on a lost server: the client retries with backoff, and when it gives up the loop
-  logs and tries again (every write is idempotent on the server, so a repeat is harmless);
+  logs and tries again (every write is idempotent on the server, so a repeat is harmless). The one
+  exception is a `once` worker asking for work: it is a batch job that must end, so when the client's
+  retries for a lease are spent it raises `ServerUnavailable` instead of waiting for the server forever;
 - a background thread heartbeats every `heartbeat_interval` seconds of the lease; when the server
-  answers `stop: true` (study paused/stopped, trial no longer ours) training is asked to stop;
+  answers `stop: true` (study stopped or deleted, trial no longer ours) training is asked to stop
+  (pausing a study only stops new leases: running trials finish);
 - SIGTERM/SIGINT ask training to stop; the trial is failed as retryable ("worker shutting down"),
   so its parameters are re-queued, and the loop exits. A second signal kills at once.
 """
@@ -48,7 +51,7 @@ __all__ = [
 log = logging.getLogger("tunefleet.worker")
 
 T = TypeVar("T")
-# 500s in a row on one trial write before the loop gives up on it and moves on.
+# 500s in a row on one trial write (or, for a --once worker, on a lease) before the loop gives up on it.
 MAX_SERVER_ERRORS = 3
 # report(step, value, metrics) -> True when the server says "prune".
 ReportFn = Callable[[int, float, dict[str, Any]], bool]
@@ -158,8 +161,9 @@ class WorkerLoop:
     """Pulls trials from one server and runs them with `trainer` until told to stop.
 
     `max_trials` ends the loop after that many leased trials; `once` ends it at the first moment
-    there is no work (otherwise it sleeps `idle_sleep` seconds and asks again). Each trial runs in
-    its own folder under `workdir`, removed once its artifacts are uploaded.
+    there is no work (otherwise it sleeps `idle_sleep` seconds and asks again), and raises when the
+    server cannot be reached for a lease. Each trial runs in its own folder under `workdir`, removed
+    once its artifacts are uploaded.
     """
 
     def __init__(
@@ -220,7 +224,9 @@ class WorkerLoop:
     def run(self) -> int:
         """Serve trials until shutdown, `max_trials` or (with `once`) no work; returns trials run.
 
-        Raises AuthError when the token is rejected: no retry can fix that.
+        Raises AuthError when the token is rejected: no retry can fix that. With `once`, raises
+        ServerUnavailable when the client's retries of a lease request are spent, and ApiError after
+        more than `MAX_SERVER_ERRORS` other failed lease requests in a row.
         """
         log.info("worker %s on %s serving %s", self.worker_id, self.device, self.client.base_url)
         while not self.shutting_down and (self.max_trials is None or self.trials_run < self.max_trials):
@@ -237,13 +243,18 @@ class WorkerLoop:
         return self.trials_run
 
     def _next_lease(self) -> dict[str, Any] | None:
-        # Returns None both for "no work" and "server away"; only the former ends a --once worker.
+        # None means "no work" (or shutdown). A server that stays away is waited for, except by a --once
+        # worker: it holds no trial yet, so giving up loses nothing, and a batch job must not hang.
+        failures = 0
         while not self.shutting_down:
             try:
                 return self.client.lease(self.worker_id, self._device_info, self.hostname)
             except AuthError:
                 raise
             except ApiError as exc:
+                failures += 1
+                if self.once and (isinstance(exc, ServerUnavailable) or failures > MAX_SERVER_ERRORS):
+                    raise  # the caller reports it (the CLI: one red line, exit status 1)
                 log.warning("lease failed (%s); retrying in %.0f s", exc.message, self.idle_sleep)
                 self._shutdown.wait(self.idle_sleep)
         return None

@@ -10,10 +10,12 @@ depend on whether its model came from disk or from the cache.
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +24,7 @@ from torch import nn
 from tunefleet.workers.errors import ModelLoadError
 from tunefleet.workers.tasks import Task
 
-__all__ = ["LoadedModel", "ModelCache"]
+__all__ = ["LoadedModel", "ModelCache", "check_local_path", "looks_like_local_path"]
 
 _HINT = ("give a hub id or a local folder with config.json and the weights; with HF_HUB_OFFLINE=1 a hub id "
          "must already be in the local cache")
@@ -61,6 +63,7 @@ class ModelCache:
             if name not in self._tokenizers:
                 from transformers import AutoTokenizer
 
+                check_local_path(name, "tokenizer")
                 try:
                     self._tokenizers[name] = AutoTokenizer.from_pretrained(name)
                 except Exception as exc:  # OSError, ValueError, hub errors: all mean "cannot load"
@@ -101,6 +104,7 @@ def _load(name: str, task: Task, label_names: list[str] | None, dtype: torch.dty
         names = [str(n) for n in label_names]  # config.json keeps string names, whatever the data held
         kwargs.update(num_labels=len(names), id2label=dict(enumerate(names)),
                       label2id={n: i for i, n in enumerate(names)})
+    check_local_path(name, "model")
     try:
         model, info = auto.from_pretrained(name, **kwargs)
     except Exception as exc:  # missing path, unknown architecture, corrupt weights, no network
@@ -108,6 +112,33 @@ def _load(name: str, task: Task, label_names: list[str] | None, dtype: torch.dty
                              f"{_HINT}") from exc
     model.eval()
     return _Entry(model, tuple(info.get("missing_keys", ())))
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True when `name` can only mean a folder on this machine, never a hub id (`name` or `namespace/name`):
+    it starts with `/`, `./`, `../` or `~`, holds a separator other than `/`, or has more than one `/`."""
+    if name in (".", "..") or name.startswith(("/", "./", "../", "~")):
+        return True
+    separators = {os.sep, os.altsep} - {None, "/"}
+    return any(sep in name for sep in separators) or name.count("/") > 1
+
+
+def check_local_path(name: str, what: str) -> None:
+    """Raise ModelLoadError naming the folder when `name` is a local path (see `looks_like_local_path`)
+    that does not exist; do nothing otherwise.
+
+    Without this, transformers treats the missing folder as a hub id and answers "Repo id must be in the
+    form 'repo_name' or 'namespace/repo_name'", which hides that a path was mistyped or not copied here.
+    """
+    if not looks_like_local_path(name):
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        return
+    # A relative path is read from wherever the worker was started, which is rarely where the spec was written.
+    looked = "" if str(path.absolute()) == name else f" (looked for {path.absolute()})"
+    raise ModelLoadError(f"{what} folder {name} does not exist on this worker{looked}; copy the folder to "
+                         "this machine (or a shared disk) or give a hub id")
 
 
 def _reinit(model: nn.Module, new_params: tuple[str, ...], seed: int) -> None:

@@ -12,14 +12,11 @@ from tunefleet.cli.app import app as root_app
 from tunefleet.cli.app import client_for, command, db_app, settings, token_app
 from tunefleet.cli.render import console, err_console, records_table
 
-__all__ = ["dashboard_storage_url"]
-
 
 class Role(str, Enum):
     admin = "admin"
     user = "user"
     worker = "worker"
-
 
 
 @command(root_app)
@@ -60,18 +57,10 @@ def dashboard(
     """Run optuna-dashboard on the server's database."""
     import optuna_dashboard
 
-    url = dashboard_storage_url(settings().resolved_database_url)
+    # The settings' resolved URL is the server's own (a bare postgresql:// already names psycopg2).
+    url = settings().resolved_database_url
     console.print(f"optuna-dashboard on [bold]http://{host}:{port}[/]")
     optuna_dashboard.run_server(url, host=host, port=port)
-
-
-def dashboard_storage_url(url: str) -> str:
-    """SQLAlchemy 2.1 reads a bare `postgresql://` as psycopg 3, which is not installed: name psycopg2."""
-    for bare in ("postgresql://", "postgres://"):
-        if url.startswith(bare):
-            return "postgresql+psycopg2://" + url.removeprefix(bare)
-    return url
-
 
 
 @command(token_app, "create")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -12,7 +14,21 @@ from rich.table import Table
 __all__ = ["best_value", "console", "err_console", "fmt", "kv_table", "print_json", "progress_text",
            "records_table", "render_generic", "show_trial", "state_markup", "trial_value"]
 
-console = Console()
+# Piped or redirected output (`study ls | grep`, a cron job's log) has no terminal to measure, and rich
+# would then cut every table to 80 columns, eliding names. Tables take only the width they need, so a
+# wide console costs nothing; COLUMNS, when set, still wins.
+PIPE_WIDTH = 400
+
+
+def _piped_width() -> int | None:
+    """PIPE_WIDTH when stdout is not a terminal and COLUMNS is unset; None (let rich measure) otherwise."""
+    stdout = sys.stdout
+    if os.environ.get("COLUMNS") or (stdout is not None and stdout.isatty()):
+        return None
+    return PIPE_WIDTH
+
+
+console = Console(width=_piped_width())
 err_console = Console(stderr=True)
 
 

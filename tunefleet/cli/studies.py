@@ -36,7 +36,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON ans
 def study_create(
     ctx: typer.Context,
     spec_file: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec, YAML or JSON.")],
-    wait: Annotated[bool, typer.Option(help="Show progress until the study is completed.")] = False,
+    wait: Annotated[bool, typer.Option(help="Show progress until the study is completed or stopped.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the new study's id.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between progress polls.")] = 2.0,
 ) -> None:
@@ -87,8 +87,10 @@ def study_ls(
     table = Table(title=f"studies {offset + 1}-{offset + len(page['items'])} of {page['total']}",
                   title_justify="left")
     for column in ("id", "name", "state", "trials", "complete", "pruned", "fail", "running", "best", "created"):
+        # In a narrow terminal the name folds and the state keeps its width, rather than both being elided.
         table.add_column(column, justify="right" if column in ("id", "complete", "pruned", "fail", "running")
-                         else "left")
+                         else "left", overflow="fold" if column == "name" else "ellipsis",
+                         no_wrap=column == "state")
     for study in page["items"]:
         counts = study.get("counts") or {}
         table.add_row(str(study["id"]), study["name"], study["state"],
@@ -138,7 +140,7 @@ def _show_study(client: Client, study: Mapping[str, Any]) -> None:
 
 @command(study_app, "pause")
 def study_pause(ctx: typer.Context, study_id: StudyId) -> None:
-    """Pause a study: running trials are told to stop and re-queued; no new leases."""
+    """Pause a study: no new trials are leased; running trials go on and finish."""
     _print_state(client_for(ctx).pause_study(study_id))
 
 
@@ -150,7 +152,8 @@ def study_resume(ctx: typer.Context, study_id: StudyId) -> None:
 
 @command(study_app, "stop")
 def study_stop(ctx: typer.Context, study_id: StudyId) -> None:
-    """Stop a study for good: running trials are told to stop; finished results stay."""
+    """Stop a study for good: running trials are told to stop at their next heartbeat and are not re-queued;
+    finished results stay."""
     _print_state(client_for(ctx).stop_study(study_id))
 
 

@@ -19,7 +19,9 @@ def worker(
     device: Annotated[str | None, typer.Option(help="cpu or cuda:N (default: cuda:0 when a GPU is visible)")] = None,
     gpus: Annotated[str | None, typer.Option(help="'all' or '0,2': one worker process per GPU.")] = None,
     max_trials: Annotated[int | None, typer.Option(help="Stop after this many trials.")] = None,
-    once: Annotated[bool, typer.Option("--once", help="Exit as soon as there is no work.")] = False,
+    once: Annotated[bool, typer.Option("--once", help=(
+        "Exit as soon as there is no work; exit with status 1 when the server cannot be reached "
+        "(after the client's retries) instead of waiting for it."))] = False,
     simulated: Annotated[bool, typer.Option("--simulated", help="Torch-free simulated training.")] = False,
     worker_id: Annotated[str | None, typer.Option(help="(default: <hostname>-<device>)")] = None,
     workdir: Annotated[Path, typer.Option(help="Folder for trial outputs.")] = Path(".tunefleet/work"),
@@ -46,7 +48,8 @@ def worker(
 @command(root_app)
 def demo(
     trials: Annotated[int, typer.Option(help="Trials in the demo study.")] = 16,
-    workers: Annotated[int, typer.Option(help="Worker processes (one per GPU; on a CPU one uses every core).")] = 1,
+    workers: Annotated[int, typer.Option(
+        help="Worker processes; each trains on the CPU, and one already uses every core.")] = 1,
     port: Annotated[int, typer.Option(help="Port of the demo server (0: any free port).")] = 0,
 ) -> None:
     """A real tuning study end to end on this machine: server, worker, study, progress, result."""
