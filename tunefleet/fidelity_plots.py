@@ -1,10 +1,10 @@
-"""Rendering of the fidelity report: PNG plots, and one self-contained HTML page or one PNG sheet.
+"""Drawing the fidelity report: PNG plots, and one self-contained HTML page or one PNG sheet.
 
-The numbers come from `tunefleet.service.fidelity.fidelity_report`; this module only draws them. Optuna's
-matplotlib plots are used for the optimisation history, the intermediate values and the parameter
-importances; only the rung-vs-final scatter is ours. Rendering is headless (Agg) and serialised by a
-lock, because pyplot keeps global state that is not thread-safe and the server renders from a
-thread pool.
+Client-side composition code (the demo and scripts use it; the server never draws). The numbers come
+from `tunefleet.service.fidelity.fidelity_report`; this module only draws them. Optuna's matplotlib plots
+are used for the optimisation history, the intermediate values and the parameter importances; only the
+rung-vs-final scatter is ours. Rendering is headless (Agg) and serialised by a lock, because pyplot keeps
+global state that is not thread-safe and a caller may draw from several threads.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import matplotlib
+import numpy as np
 import optuna
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -59,7 +60,14 @@ def _optimization_history(study: optuna.Study, records: Sequence[TrialRecord],
     ax = optuna.visualization.matplotlib.plot_optimization_history(
         study, **_target_kwargs(study, records, report))
     ax.set_ylabel(f"validation {report['objective_metric']}")
-    return ax.figure
+    return _figure_of(ax)
+
+
+def _figure_of(ax: Any) -> Figure:
+    """The top-level figure of an Optuna plot's axes (typed `Figure | SubFigure`; Optuna draws on a figure)."""
+    figure = ax.figure
+    assert isinstance(figure, Figure)
+    return figure
 
 
 def _target_kwargs(study: optuna.Study, records: Sequence[TrialRecord],
@@ -89,7 +97,7 @@ def _intermediate_values(study: optuna.Study, records: Sequence[TrialRecord],
         state = states.get(str(line.get_label()), "COMPLETE")
         line.set(**_STATE_STYLE.get(state, _STATE_STYLE["COMPLETE"]))
         if state == "PRUNED":
-            x, y = line.get_data()
+            x, y = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
             ax.plot(x[-1:], y[-1:], marker="x", color="#cc3311", markersize=8, linestyle="none")
     # One legend entry per trial is unreadable beyond a dozen trials: explain the styles instead.
     present = set(states.values())
@@ -97,7 +105,7 @@ def _intermediate_values(study: optuna.Study, records: Sequence[TrialRecord],
               loc="best", fontsize="small")
     ax.set_xlabel("step (% of the training budget)")
     ax.set_ylabel(f"validation {report['objective_metric']} at the rung")
-    return ax.figure
+    return _figure_of(ax)
 
 
 def _legend_handles() -> dict[str, Line2D]:
@@ -145,7 +153,7 @@ def _param_importances(study: optuna.Study, records: Sequence[TrialRecord],
     # The report computes importances of the single objective only, so Optuna's default target fits.
     ax = optuna.visualization.matplotlib.plot_param_importances(study)
     ax.set_title(importances_title(report))
-    return ax.figure
+    return _figure_of(ax)
 
 
 def importances_title(report: Mapping[str, Any]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -54,7 +54,7 @@ def kv_table(rows: Mapping[str, Any] | Iterable[tuple[str, Any]], title: str | N
     return table
 
 
-def records_table(records: list[Mapping[str, Any]], title: str | None = None) -> Table:
+def records_table(records: Sequence[Mapping[str, Any]], title: str | None = None) -> Table:
     columns: list[str] = []
     for record in records:
         columns.extend(k for k in record if k not in columns)
