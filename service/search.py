@@ -1,7 +1,8 @@
 """Samplers and pruners by name, and the mapping from a study spec to Optuna objects.
 
-One registry entry per algorithm: adding a sampler is one function and one line. Heavy imports (GP needs
-torch) happen only when that algorithm is used.
+One registry entry per algorithm: adding a sampler is one function, one line here and its name in
+`tunefleet.service.spec.SamplerName` (the spec's choices; tests/test_catalogues.py checks the two agree).
+Heavy imports (GP needs torch) happen only when that algorithm is used.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from tunefleet.service.spec import CategoricalParam, FloatParam, IntParam, StudySpec
+from tunefleet.service.spec import CategoricalParam, FloatParam, IntParam, PrunerName, SamplerName, StudySpec
 
 __all__ = ["PRUNERS", "SAMPLERS", "build_pruner", "build_sampler", "distributions", "search_problems"]
 
@@ -75,7 +76,7 @@ def _nsga2(spec: StudySpec) -> optuna.samplers.BaseSampler:
     return optuna.samplers.NSGAIISampler(seed=spec.search.seed, **spec.search.sampler_options)
 
 
-SAMPLERS: dict[str, Callable[[StudySpec], optuna.samplers.BaseSampler]] = {
+SAMPLERS: dict[SamplerName, Callable[[StudySpec], optuna.samplers.BaseSampler]] = {
     "tpe": _tpe,
     "gp": _gp,
     "random": _random,
@@ -84,8 +85,10 @@ SAMPLERS: dict[str, Callable[[StudySpec], optuna.samplers.BaseSampler]] = {
     "nsga2": _nsga2,
 }
 # Python modules a sampler needs beyond Optuna itself, and the install that brings them.
-_SAMPLER_NEEDS = {"gp": ("torch", "pip install 'tunefleet[worker]' on the server"),
-                  "cmaes": ("cmaes", "pip install cmaes")}
+_SAMPLER_NEEDS: dict[SamplerName, tuple[str, str]] = {
+    "gp": ("torch", "pip install 'tunefleet[worker]' on the server"),
+    "cmaes": ("cmaes", "pip install cmaes"),
+}
 
 
 def _first_rung(spec: StudySpec) -> int:
@@ -114,7 +117,7 @@ def _nop(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-PRUNERS: dict[str, Callable[[StudySpec], optuna.pruners.BasePruner]] = {
+PRUNERS: dict[PrunerName, Callable[[StudySpec], optuna.pruners.BasePruner]] = {
     "hyperband": _hyperband,
     "successive_halving": _successive_halving,
     "median": _median,

@@ -10,12 +10,15 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "MULTI_OBJECTIVE_SAMPLERS",
     "TASK_METRICS",
+    "TRAINING_DEFAULTS",
     "TRAINING_PARAMS",
     "BudgetSpec",
     "CategoricalParam",
@@ -23,51 +26,68 @@ __all__ = [
     "FloatParam",
     "IntParam",
     "ObjectiveSpec",
+    "ParamKind",
+    "PrunerName",
+    "SamplerName",
     "SearchSpec",
     "SpecError",
     "StudySpec",
+    "TaskName",
+    "objectives_of",
     "validate_spec",
     "parse_spec_text",
 ]
 
-# Metrics each task's evaluation produces; an objective must name one of them.
-TASK_METRICS: dict[str, tuple[str, ...]] = {
+# The names below are spelled once each: the spec's fields take these Literal types (so the JSON schema
+# lists the choices and a wrong name is refused with them), and the other catalogues are keyed by them.
+TaskName = Literal["sequence-classification", "token-classification", "causal-lm"]
+# Keys of tunefleet.service.search.SAMPLERS / PRUNERS, the builders (tests/test_catalogues.py pins them).
+SamplerName = Literal["tpe", "gp", "random", "grid", "cmaes", "nsga2"]
+PrunerName = Literal["hyperband", "successive_halving", "median", "none"]
+ParamKind = Literal["str", "int", "float"]
+
+# Metrics each task's evaluation produces; an objective must name one of them. The workers' tasks
+# (tunefleet.workers.tasks) read their metric names from here.
+TASK_METRICS: dict[TaskName, tuple[str, ...]] = {
     "sequence-classification": ("accuracy", "precision_macro", "recall_macro", "f1_macro", "loss"),
     "token-classification": ("entity_f1", "entity_precision", "entity_recall", "token_accuracy", "loss"),
     "causal-lm": ("exact_match", "attribute_f1", "attribute_precision", "attribute_recall", "loss"),
 }
 
-# Training parameters a worker understands, searchable or fixed, with the kinds of value they take.
-# "str" parameters are categorical-only.
-TRAINING_PARAMS: dict[str, str] = {
-    "method": "str",  # lora | ia3 | partial | full
-    "learning_rate": "float",
-    "weight_decay": "float",
-    "warmup_ratio": "float",
-    "lr_scheduler": "str",  # linear | cosine | constant | constant_with_warmup | ...
-    "optimizer": "str",  # adamw_torch | adafactor | sgd | ...
-    "adam_beta2": "float",
-    "max_grad_norm": "float",
-    "per_device_batch_size": "int",
-    "gradient_accumulation_steps": "int",
-    "num_epochs": "float",
-    "max_steps": "int",
-    "max_seq_length": "int",
-    "train_size": "int",  # training examples used (data-efficiency curves)
-    "lora_r": "int",
-    "lora_alpha": "float",
-    "lora_dropout": "float",
-    "lora_target_modules": "str",  # comma-separated module names, or "all-linear"
-    "partial_top_k": "int",  # partial fine-tuning: train only the top k transformer layers
-    "label_smoothing": "float",
-    "precision": "str",  # auto | fp32 | bf16 | fp16
-    "eval_batch_size": "int",
-    "seed": "int",
+# Training parameters a worker understands, searchable or fixed: the kind of value each takes ("str"
+# parameters are categorical-only) and the value a worker uses when a study neither fixes nor searches it.
+# The defaults are "library defaults" for LoRA (peft / HF examples), so a spec's baseline means something;
+# None leaves the value to the worker (tunefleet.workers.training), as commented.
+_TRAINING_CATALOGUE: dict[str, tuple[ParamKind, Any]] = {
+    "method": ("str", "lora"),  # lora | ia3 | partial | full
+    "learning_rate": ("float", 5e-5),
+    "weight_decay": ("float", 0.0),
+    "warmup_ratio": ("float", 0.0),
+    "lr_scheduler": ("str", "linear"),  # linear | cosine | constant | constant_with_warmup | ...
+    "optimizer": ("str", "adamw_torch"),  # adamw_torch | adafactor | sgd | ...
+    "adam_beta2": ("float", 0.999),
+    "max_grad_norm": ("float", 1.0),
+    "per_device_batch_size": ("int", 16),
+    "gradient_accumulation_steps": ("int", 1),
+    "num_epochs": ("float", 1.0),
+    "max_steps": ("int", None),  # None: num_epochs decides the budget
+    "max_seq_length": ("int", 128),
+    "train_size": ("int", None),  # training examples used (data-efficiency curves); None: all of them
+    "lora_r": ("int", 8),
+    "lora_alpha": ("float", None),  # None: 2 × lora_r
+    "lora_dropout": ("float", 0.1),
+    "lora_target_modules": ("str", None),  # comma-separated module names, or "all-linear"; None: peft's default
+    "partial_top_k": ("int", 2),  # partial fine-tuning: train only the top k transformer layers
+    "label_smoothing": ("float", 0.0),
+    "precision": ("str", "auto"),  # auto | fp32 | bf16 | fp16
+    "eval_batch_size": ("int", 64),
+    "seed": ("int", None),  # None: the spec's seed
 }
+TRAINING_PARAMS: dict[str, ParamKind] = {name: kind for name, (kind, _) in _TRAINING_CATALOGUE.items()}
+TRAINING_DEFAULTS: dict[str, Any] = {name: default for name, (_, default) in _TRAINING_CATALOGUE.items()}
 
-SAMPLERS = ("tpe", "gp", "random", "grid", "cmaes", "nsga2")
-PRUNERS = ("hyperband", "successive_halving", "median", "none")
-MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "random", "tpe", "grid")
+# Samplers that handle several objectives; the others are single-objective.
+MULTI_OBJECTIVE_SAMPLERS: tuple[SamplerName, ...] = ("nsga2", "random", "tpe", "grid")
 
 
 class _Strict(BaseModel):
@@ -136,6 +156,20 @@ class ObjectiveSpec(_Strict):
     direction: Literal["maximize", "minimize"] = "maximize"
 
 
+# One objective, or a list of at least one (an empty list would leave a study with nothing to optimise).
+Objectives = ObjectiveSpec | Annotated[list[ObjectiveSpec], Field(min_length=1)]
+
+
+def _listed(objective: ObjectiveSpec | list[ObjectiveSpec]) -> list[ObjectiveSpec]:
+    return objective if isinstance(objective, list) else [objective]
+
+
+class _ObjectiveOnly(BaseModel):
+    """A spec read for its objective alone; other keys are ignored (StudySpec checks them)."""
+
+    objective: Objectives
+
+
 class DataSpec(_Strict):
     """Where the examples come from: local files (jsonl, csv, parquet) or a hub data set id."""
 
@@ -170,8 +204,8 @@ class DataSpec(_Strict):
 
 
 class SearchSpec(_Strict):
-    sampler: Literal["tpe", "gp", "random", "grid", "cmaes", "nsga2"] = "tpe"
-    pruner: Literal["hyperband", "successive_halving", "median", "none"] = "hyperband"
+    sampler: SamplerName = "tpe"
+    pruner: PrunerName = "hyperband"
     min_resource: float = Field(0.2, gt=0, le=1, description="first rung, as a fraction of the training budget")
     reduction_factor: int = Field(3, ge=2)
     rungs: list[int] | None = Field(None, description="explicit rungs in percent of the budget (1..100)")
@@ -205,9 +239,9 @@ class StudySpec(_Strict):
     description: str = ""
     model: str = Field(min_length=1, description="hub id or local path of the base model")
     tokenizer: str | None = None
-    task: Literal["sequence-classification", "token-classification", "causal-lm"]
+    task: TaskName
     data: DataSpec
-    objective: ObjectiveSpec | list[ObjectiveSpec]
+    objective: Objectives
     search_space: dict[str, Param] = Field(min_length=1)
     fixed: dict[str, Any] = Field(default_factory=dict)
     baseline: dict[str, Any] | None = Field(
@@ -219,7 +253,7 @@ class StudySpec(_Strict):
 
     @property
     def objectives(self) -> list[ObjectiveSpec]:
-        return self.objective if isinstance(self.objective, list) else [self.objective]
+        return _listed(self.objective)
 
     @property
     def multi_objective(self) -> bool:
@@ -331,6 +365,19 @@ def validate_spec(data: Any) -> StudySpec:
     if problems:
         raise SpecError([{"loc": list(loc), "msg": msg, "type": "value_error"} for loc, msg in problems])
     return spec
+
+
+def objectives_of(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A spec dict's objectives as (metric, direction) pairs in spec order, with ObjectiveSpec's defaults.
+
+    For workers, which get the stored spec as plain JSON. Only the objective is read; raises SpecError
+    when it is missing or malformed.
+    """
+    try:
+        objective = _ObjectiveOnly.model_validate(spec).objective
+    except ValidationError as exc:
+        raise SpecError([_pydantic_error(e) for e in exc.errors()]) from None
+    return [(o.metric, o.direction) for o in _listed(objective)]
 
 
 _FIXES = {

@@ -118,6 +118,7 @@ BAD_SPECS = [
                                                                                  "direction": "minimize"}]),
      ["search", "pruner"], "none"),
     ("zero trials", _bad(budget={"max_trials": 0}), ["budget", "max_trials"], "greater than or equal to 1"),
+    ("no objective in the list", _bad(objective=[]), ["objective", "list[ObjectiveSpec]"], "at least 1"),
 ]
 
 

@@ -114,17 +114,19 @@ def load_splits(data: Mapping[str, Any], *, required: tuple[str, ...], train_siz
     by `split_seed`, so trials with the same train_size train on the same examples).
     Raises DataError for unreadable sources, missing fields, or splits left empty.
     """
-    source, loaded = _load_source(data)
+    source, train, given = _load_source(data)
     seed = int(data.get("split_seed", 0))
     rng = np.random.default_rng(seed)
     carved = []
-    train = loaded["train"]
+    held: dict[str, list[Record]] = {}
     for split, fraction_key in (("test", "test_fraction"), ("validation", "validation_fraction")):
-        if loaded.get(split) is None:
+        rows = given.get(split)
+        if rows is None:
             fraction = float(data.get(fraction_key, 0.15))
-            train, loaded[split] = _carve(train, fraction, rng, split)
+            train, rows = _carve(train, fraction, rng, split)
             carved.append(split)
-    validation, test = loaded["validation"], loaded["test"]
+        held[split] = rows
+    validation, test = held["validation"], held["test"]
     if data.get("max_train_samples"):
         train = _subsample(train, int(data["max_train_samples"]), rng)
     if data.get("max_eval_samples"):
@@ -152,17 +154,22 @@ def load_splits(data: Mapping[str, Any], *, required: tuple[str, ...], train_siz
     return splits
 
 
-def _load_source(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, list[Record] | None]]:
+# A source's description (JSON-able), its training examples, and its validation / test examples where it has them.
+Loaded = tuple[dict[str, Any], list[Record], dict[str, list[Record] | None]]
+
+
+def _load_source(data: Mapping[str, Any]) -> Loaded:
     if data.get("train"):
         files = {s: data.get(s) for s in SPLITS}
-        loaded = {s: read_records(p) if p else None for s, p in files.items()}
-        return {"kind": "files", **{s: str(p) for s, p in files.items() if p}}, loaded
+        train = read_records(data["train"])
+        held_out = {s: read_records(p) if p else None for s, p in files.items() if s != "train"}
+        return {"kind": "files", **{s: str(p) for s, p in files.items() if p}}, train, held_out
     if data.get("dataset"):
         return _load_hub(data)
     raise DataError("the spec names no training data: set data.train (a local file) or data.dataset (a hub id)")
 
 
-def _load_hub(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, list[Record] | None]]:
+def _load_hub(data: Mapping[str, Any]) -> Loaded:
     import datasets
 
     name, config = data["dataset"], data.get("dataset_config")
@@ -176,10 +183,12 @@ def _load_hub(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, list[R
              "test": data.get("test_split")}
     if names["train"] not in dsd:
         raise DataError(f"data set {name!r} has no split {names['train']!r}; it has {sorted(dsd)}")
-    loaded = {s: (_rows_with_label_names(dsd[n]) if n and n in dsd else None) for s, n in names.items()}
-    source = {"kind": "hub", "dataset": name, "config": config,
-              **{s: n for s, n in names.items() if loaded[s] is not None}}
-    return source, loaded
+    train = _rows_with_label_names(dsd[names["train"]])
+    held_out = {s: (_rows_with_label_names(dsd[n]) if n and n in dsd else None) for s, n in names.items()
+                if s != "train"}
+    source = {"kind": "hub", "dataset": name, "config": config, "train": names["train"],
+              **{s: n for s, n in names.items() if held_out.get(s) is not None}}
+    return source, train, held_out
 
 
 def _rows_with_label_names(split: Any) -> list[Record]:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = [
     "attribute_metrics",
@@ -33,7 +34,7 @@ def prf(true_positives: int, n_predicted: int, n_true: int) -> tuple[float, floa
     return precision, recall, f1
 
 
-def classification_metrics(predictions: Sequence[int], labels: Sequence[int]) -> dict[str, float]:
+def classification_metrics(predictions: ArrayLike, labels: ArrayLike) -> dict[str, float]:
     """accuracy and macro precision / recall / F1 over the classes seen in labels or predictions."""
     pred, true = np.asarray(predictions), np.asarray(labels)
     per_class = [prf(int(((pred == c) & (true == c)).sum()), int((pred == c).sum()), int((true == c).sum()))

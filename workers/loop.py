@@ -18,6 +18,7 @@ What the loop promises:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -317,7 +318,7 @@ class WorkerLoop:
     def _complete(self, trial_id: int, outcome: Outcome, seconds: float, heartbeat: _Heartbeat) -> None:
         # Uploads may take long: the heartbeat keeps the lease alive until the final write.
         for path, name in _artifact_files(outcome.artifact_dir):
-            self._persist(lambda p=path, n=name: self.client.upload_artifact(trial_id, n, p), f"upload {name}")
+            self._persist(functools.partial(self.client.upload_artifact, trial_id, name, path), f"upload {name}")
         heartbeat.stop()
         extra = {"train_seconds": round(seconds, 3), **(outcome.extra or {})}
         self._persist(

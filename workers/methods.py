@@ -8,17 +8,24 @@ always train: under PEFT they are listed in `modules_to_save`, so they are saved
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from torch import nn
 
 from tunefleet.workers.errors import InvalidConfig
 from tunefleet.workers.tasks import Task
 
+if TYPE_CHECKING:  # peft is imported when a PEFT method is applied, not with this module
+    from peft import PeftMixedModel, PeftModel
+    from transformers import PreTrainedModel
+
 __all__ = ["METHODS", "apply_method", "count_parameters", "head_modules", "is_peft", "save_model",
            "transformer_layers"]
 
 Config = Mapping[str, Any]
+# What a method returns: the base model itself (partial, full) or a PEFT wrapper around it (lora, ia3).
+Adapted: TypeAlias = "PreTrainedModel | PeftModel | PeftMixedModel"
 
 
 def head_modules(model: nn.Module) -> list[str]:
@@ -55,7 +62,7 @@ def _target_modules(config: Config) -> list[str] | str | None:
     return [m.strip() for m in str(value).split(",") if m.strip()]
 
 
-def _peft(model: nn.Module, peft_config: Any) -> nn.Module:
+def _peft(model: PreTrainedModel, peft_config: Any) -> PeftModel | PeftMixedModel:
     from peft import get_peft_model
 
     try:
@@ -65,17 +72,18 @@ def _peft(model: nn.Module, peft_config: Any) -> nn.Module:
                             "Check lora_target_modules against the model's module names") from exc
 
 
-def _lora(model: nn.Module, config: Config, task: Task) -> nn.Module:
+def _lora(model: PreTrainedModel, config: Config, task: Task) -> Adapted:
     from peft import LoraConfig
 
     return _peft(model, LoraConfig(
         task_type=task.peft_task_type, r=int(config["lora_r"]),
-        lora_alpha=float(config["lora_alpha"]),
+        # peft annotates lora_alpha as int, but only divides by it (scaling = alpha / r): a float is valid.
+        lora_alpha=float(config["lora_alpha"]),  # type: ignore[arg-type]
         lora_dropout=float(config["lora_dropout"]), target_modules=_target_modules(config),
         modules_to_save=head_modules(model) or None))
 
 
-def _ia3(model: nn.Module, config: Config, task: Task) -> nn.Module:
+def _ia3(model: PreTrainedModel, config: Config, task: Task) -> Adapted:
     from peft import IA3Config
 
     targets = _target_modules(config)
@@ -85,7 +93,7 @@ def _ia3(model: nn.Module, config: Config, task: Task) -> nn.Module:
                                   modules_to_save=head_modules(model) or None))
 
 
-def _partial(model: nn.Module, config: Config, task: Task) -> nn.Module:
+def _partial(model: PreTrainedModel, config: Config, task: Task) -> Adapted:
     layers = transformer_layers(model)
     k = int(config["partial_top_k"])
     if not 1 <= k <= len(layers):
@@ -101,12 +109,12 @@ def _partial(model: nn.Module, config: Config, task: Task) -> nn.Module:
     return model
 
 
-def _full(model: nn.Module, config: Config, task: Task) -> nn.Module:
+def _full(model: PreTrainedModel, config: Config, task: Task) -> Adapted:
     model.requires_grad_(True)
     return model
 
 
-METHODS: dict[str, Callable[[nn.Module, Config, Task], nn.Module]] = {
+METHODS: dict[str, Callable[[PreTrainedModel, Config, Task], Adapted]] = {
     "lora": _lora,
     "ia3": _ia3,
     "partial": _partial,
@@ -114,23 +122,23 @@ METHODS: dict[str, Callable[[nn.Module, Config, Task], nn.Module]] = {
 }
 
 
-def apply_method(model: nn.Module, config: Config, task: Task) -> nn.Module:
+def apply_method(model: PreTrainedModel, config: Config, task: Task) -> Adapted:
     """Prepare `model` for training with `config['method']`; raises InvalidConfig for an unknown method."""
     name = config["method"]
     if name not in METHODS:
         raise InvalidConfig(f"unknown method {name!r}; use one of {', '.join(METHODS)}")
-    model = METHODS[name](model, config, task)
-    trainable, _ = count_parameters(model)
+    adapted = METHODS[name](model, config, task)
+    trainable, _ = count_parameters(adapted)
     if trainable == 0:
         raise InvalidConfig(f"method {name!r} left no trainable parameters; check its parameters")
-    return model
+    return adapted
 
 
 def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_model(model: nn.Module, out_dir: Any) -> None:
+def save_model(model: Adapted, out_dir: Path) -> None:
     """save_pretrained in safetensors: the adapter (+ saved head) for PEFT, the whole model otherwise."""
     # transformers 5 and peft 0.21 both write safetensors by default.
-    model.save_pretrained(out_dir)
+    model.save_pretrained(str(out_dir))

@@ -16,13 +16,16 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from tunefleet.workers.errors import ModelLoadError
 from tunefleet.workers.tasks import Task
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["LoadedModel", "ModelCache", "check_local_path", "looks_like_local_path"]
 
@@ -34,14 +37,14 @@ _HINT = ("give a hub id or a local folder with config.json and the weights; with
 class LoadedModel:
     """A trial's own model copy and how it was obtained."""
 
-    model: nn.Module
+    model: PreTrainedModel
     load_seconds: float  # wall time to obtain this copy (disk load, or copy from the cache)
     cached: bool  # True when the weights came from memory, not from disk
 
 
 @dataclass
 class _Entry:
-    pristine: nn.Module
+    pristine: PreTrainedModel
     new_params: tuple[str, ...]  # parameters the checkpoint lacked (the new task head)
 
 
@@ -119,7 +122,7 @@ def looks_like_local_path(name: str) -> bool:
     it starts with `/`, `./`, `../` or `~`, holds a separator other than `/`, or has more than one `/`."""
     if name in (".", "..") or name.startswith(("/", "./", "../", "~")):
         return True
-    separators = {os.sep, os.altsep} - {None, "/"}
+    separators = {sep for sep in (os.sep, os.altsep) if sep is not None and sep != "/"}
     return any(sep in name for sep in separators) or name.count("/") > 1
 
 
@@ -155,6 +158,6 @@ def _reinit(model: nn.Module, new_params: tuple[str, ...], seed: int) -> None:
                 module.weight.normal_(0.0, std, generator=generator)
                 if module.bias is not None:
                     module.bias.zero_()
-            elif hasattr(module, "reset_parameters"):
+            elif callable(reset := getattr(module, "reset_parameters", None)):
                 torch.manual_seed(seed)
-                module.reset_parameters()
+                reset()

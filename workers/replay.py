@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunefleet.service.spec import objectives_of
 from tunefleet.workers.errors import TrialFailed, TrialInterrupted
 from tunefleet.workers.loop import ReportFn, TrialResult
 
@@ -114,10 +115,8 @@ class ReplayTable:
         self.spec = dict(spec)
         self.meta = dict(meta or {})
         self.space: dict[str, Mapping[str, Any]] = dict(self.spec["search_space"])
-        objective = self.spec["objective"]
-        objective = objective[0] if isinstance(objective, list) else objective
-        self.metric: str = objective["metric"]
-        self.direction: str = objective.get("direction", "maximize")
+        # The first objective is the one a recording's curves hold.
+        self.metric, self.direction = objectives_of(self.spec)[0]
 
     @classmethod
     def load(cls, path: str | Path) -> ReplayTable:

@@ -26,10 +26,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
+from tunefleet.service.spec import objectives_of
 from tunefleet.workers.errors import TrialFailed, TrialInterrupted
 from tunefleet.workers.loop import ReportFn, TrialResult
+
+if TYPE_CHECKING:
+    from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
 
 __all__ = [
     "SimulatedTrainer",
@@ -94,9 +98,8 @@ def simulated_metric(metric: str, direction: str, quality: float) -> float:
 
 
 def _objectives(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
-    objective = spec.get("objective") or {"metric": "accuracy"}
-    items = objective if isinstance(objective, list) else [objective]
-    return [(o.get("metric", "accuracy"), o.get("direction", "maximize")) for o in items]
+    """The spec's (metric, direction) pairs; maximized accuracy for a lease whose spec has no objective."""
+    return objectives_of(spec) if spec.get("objective") else [("accuracy", "maximize")]
 
 
 def _metrics(objectives: list[tuple[str, str]], quality: float) -> dict[str, float]:
@@ -237,7 +240,7 @@ def start_simulated_workers(
     idle_sleep: float = 0.2,
     workdir: Path | None = None,
     log_level: str = "WARNING",
-    start_method: str = "spawn",
+    start_method: Literal["spawn", "fork", "forkserver"] = "spawn",
     **trainer_options: Any,
 ) -> list[BaseProcess]:
     """Start `n` worker processes running `SimulatedTrainer(**trainer_options)`; returns them running.
@@ -246,10 +249,11 @@ def start_simulated_workers(
     that `fork` would copy in an unknown state. Stop them with `terminate()` (SIGTERM: the running
     trial is re-queued) or `kill()`.
     """
-    ctx = multiprocessing.get_context(start_method)
+    # typeshed answers any str with BaseContext, which has no Process; the context of each start method has one.
+    ctx = cast("SpawnContext | ForkContext | ForkServerContext", multiprocessing.get_context(start_method))
     root = str(workdir or Path(tempfile.mkdtemp(prefix="tunefleet-sim-")))
     loop_options = {"max_trials": max_trials, "once": once, "idle_sleep": idle_sleep}
-    processes = [
+    processes: list[BaseProcess] = [
         ctx.Process(target=_worker_main, name=f"sim-worker-{i}",
                     args=(server_url, token, i, loop_options, trainer_options, root, log_level))
         for i in range(n)

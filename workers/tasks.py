@@ -1,7 +1,8 @@
 """Tasks by name: which model class to load, how to tokenize examples, which metrics to compute.
 
-`TASKS` maps the spec's `task` to a `Task`; a new task is one class plus one entry. Each task's
-metric names are exactly `tunefleet.service.spec.TASK_METRICS[task]` (the Trainer adds `loss`).
+`TASKS` maps the spec's `task` to a `Task`; a new task is one class plus one entry here, and its name
+and metrics in `tunefleet.service.spec.TASK_METRICS`, which each task's `metrics` reads (the Trainer adds
+`loss`; tests/test_catalogues.py checks the evaluation functions produce the rest).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from tunefleet.service.spec import TASK_METRICS, TaskName
 from tunefleet.workers.data import Splits, label_vocabulary
 from tunefleet.workers.errors import DataError
 from tunefleet.workers.evaluation import attribute_metrics, classification_metrics, entity_metrics, parse_json_object
@@ -43,11 +45,15 @@ class Prepared:
 class Task:
     """What differs between tasks; the training loop is shared (workers/training.py)."""
 
-    name: ClassVar[str]
+    name: ClassVar[TaskName]
     auto_class: ClassVar[str]  # transformers Auto* class that loads the base model with this task's head
     peft_task_type: ClassVar[str]  # peft.TaskType value
-    metrics: ClassVar[tuple[str, ...]]
     uses_labels: ClassVar[bool] = True  # whether the model gets num_labels / id2label
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics an evaluation reports, named as the spec's objectives name them."""
+        return TASK_METRICS[self.name]
 
     def required_fields(self, data: Mapping[str, Any]) -> tuple[str, ...]:
         raise NotImplementedError
@@ -81,7 +87,6 @@ class SequenceClassification(Task):
     name = "sequence-classification"
     auto_class = "AutoModelForSequenceClassification"
     peft_task_type = "SEQ_CLS"
-    metrics = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "loss")
 
     def required_fields(self, data: Mapping[str, Any]) -> tuple[str, ...]:
         pair = (data["text_pair"],) if data.get("text_pair") else ()
@@ -107,7 +112,8 @@ class SequenceClassification(Task):
             enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
             labels = _label_ids(rows, data["label"], mapping)
             out[split] = [{**{k: enc[k][i] for k in enc}, "labels": labels[i]} for i in range(len(rows))]
-        return Prepared(**out, collator=DataCollatorWithPadding(tokenizer), label_names=[str(n) for n in label_names])
+        return Prepared(out["train"], out["validation"], out["test"], DataCollatorWithPadding(tokenizer),
+                        label_names=[str(n) for n in label_names])
 
     def compute_metrics(self, label_names: list[str] | None) -> Callable[[Any], dict[str, float]]:
         def compute(pred: Any) -> dict[str, float]:
@@ -122,7 +128,6 @@ class TokenClassification(Task):
     name = "token-classification"
     auto_class = "AutoModelForTokenClassification"
     peft_task_type = "TOKEN_CLS"
-    metrics = ("entity_f1", "entity_precision", "entity_recall", "token_accuracy", "loss")
 
     def required_fields(self, data: Mapping[str, Any]) -> tuple[str, ...]:
         return (data["tokens"], data["tags"])
@@ -159,7 +164,8 @@ class TokenClassification(Task):
                     previous = word
                 features.append({**{k: enc[k][i] for k in enc}, "labels": labels})
             out[split] = features
-        return Prepared(**out, collator=DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE),
+        return Prepared(out["train"], out["validation"], out["test"],
+                        DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE),
                         label_names=list(label_names))
 
     def compute_metrics(self, label_names: list[str] | None) -> Callable[[Any], dict[str, float]]:
@@ -182,7 +188,6 @@ class CausalLM(Task):
     name = "causal-lm"
     auto_class = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
-    metrics = ("exact_match", "attribute_f1", "attribute_precision", "attribute_recall", "loss")
     uses_labels = False
     max_new_tokens_cap = 256
 
@@ -233,8 +238,9 @@ class CausalLM(Task):
                 if split == "train":
                     longest_target = max(longest_target, len(target_ids))
             out[split], references[split] = features, refs
-        return Prepared(**out, collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE),
-                        references=references, max_new_tokens=min(longest_target + 8, self.max_new_tokens_cap))
+        return Prepared(out["train"], out["validation"], out["test"],
+                        DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE), references=references,
+                        max_new_tokens=min(longest_target + 8, self.max_new_tokens_cap))
 
     def generation_metrics(self, model: Any, tokenizer: Any, prepared: Prepared, split: str,
                            batch_size: int) -> dict[str, float]:

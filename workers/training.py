@@ -26,6 +26,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
+from tunefleet.service.spec import TRAINING_DEFAULTS, SpecError, objectives_of
 from tunefleet.workers.data import Splits, load_splits
 from tunefleet.workers.errors import InvalidConfig, NonFiniteLoss, OutOfMemory, TrialFailed, TrialInterrupted
 from tunefleet.workers.methods import apply_method, count_parameters, save_model
@@ -38,33 +39,9 @@ log = logging.getLogger(__name__)
 
 Report = Callable[[int, float, dict[str, float]], bool]
 
-# Values used for every catalog parameter (tunefleet.service.spec.TRAINING_PARAMS) a study neither fixes nor
-# searches. "Library defaults" for LoRA (peft / HF examples), so a spec's baseline means something.
-DEFAULTS: dict[str, Any] = {
-    "method": "lora",
-    "learning_rate": 5e-5,
-    "weight_decay": 0.0,
-    "warmup_ratio": 0.0,
-    "lr_scheduler": "linear",
-    "optimizer": "adamw_torch",
-    "adam_beta2": 0.999,
-    "max_grad_norm": 1.0,
-    "per_device_batch_size": 16,
-    "gradient_accumulation_steps": 1,
-    "num_epochs": 1.0,
-    "max_steps": None,  # None: num_epochs decides the budget
-    "max_seq_length": 128,
-    "train_size": None,  # None: all training examples
-    "lora_r": 8,
-    "lora_alpha": None,  # None: 2 × lora_r
-    "lora_dropout": 0.1,
-    "lora_target_modules": None,  # None: peft's per-architecture default
-    "partial_top_k": 2,
-    "label_smoothing": 0.0,
-    "precision": "auto",
-    "eval_batch_size": 64,
-    "seed": None,  # None: the spec's seed
-}
+# Values used for every catalog parameter a study neither fixes nor searches; the catalog
+# (tunefleet.service.spec) keeps each parameter's kind and default side by side.
+DEFAULTS: dict[str, Any] = TRAINING_DEFAULTS
 
 
 @dataclass
@@ -110,6 +87,7 @@ def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], re
     started = time.perf_counter()
     config = resolve_config(spec, params)
     task = get_task(spec["task"])
+    objectives = _objectives(spec)
     cache = model_cache if model_cache is not None else ModelCache(max_models=1)
     _use_device(device)
     if device.startswith("cuda"):
@@ -127,7 +105,7 @@ def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], re
     log.info("trial: task=%s method=%s trainable=%d/%d params; splits %s", task.name, config["method"],
              trainable, total_params, splits.record["sizes"])
 
-    callback = _RungCallback(rungs, report, _objectives(spec), task.metrics, should_stop)
+    callback = _RungCallback(rungs, report, objectives, task.metrics, should_stop)
     trainer = None
     try:
         with _device_errors(config, device):  # moving the model to the device can run out of memory too
@@ -137,7 +115,8 @@ def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], re
             if callback.pruned_at is None:
                 if callback.last_step != trainer.state.global_step:  # rungs ended before 100%: evaluate now
                     trainer.evaluate()
-                test = trainer.evaluate(prepared.test, metric_key_prefix="test")
+                # Trainer.evaluate is annotated with torch's Dataset class but takes any sized, indexable split.
+                test = trainer.evaluate(prepared.test, metric_key_prefix="test")  # type: ignore[arg-type]
         extra = _extra(train_output.metrics, trainer, callback, loaded, device, started, trainable, total_params)
         if callback.pruned_at is not None:
             log.info("pruned at %d%%", callback.pruned_at)
@@ -146,7 +125,7 @@ def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], re
         extra["gpu_hours"] = (time.perf_counter() - started) / 3600
         # The test-set size lets the fidelity report put a confidence interval on tuned vs baseline.
         test_metrics = {**_strip(test, "test", task.metrics), "n_examples": len(prepared.test)}
-        return _completed(spec, callback.last_metrics, test_metrics, extra, artifact, splits.record)
+        return _completed(objectives, callback.last_metrics, test_metrics, extra, artifact, splits.record)
     finally:
         # Release device memory before the next trial, whatever happened.
         del trainer, model, loaded
@@ -167,11 +146,11 @@ def _prepare_data(spec: Mapping[str, Any], config: Mapping[str, Any], task: Task
                                                         int(config["max_seq_length"]))
 
 
-def _completed(spec: Mapping[str, Any], validation: dict[str, float], test: dict[str, float],
+def _completed(objectives: list[tuple[str, str]], validation: dict[str, float], test: dict[str, float],
                extra: dict[str, float], artifact: Path, record: dict[str, Any]) -> TrialOutcome:
-    objectives = [validation[name] for name, _ in _objectives(spec)]
-    multi = len(objectives) > 1
-    return TrialOutcome(False, None if multi else objectives[0], objectives if multi else None, validation,
+    values = [validation[metric] for metric, _ in objectives]
+    multi = len(values) > 1
+    return TrialOutcome(False, None if multi else values[0], values if multi else None, validation,
                         test, extra, artifact, record)
 
 
@@ -188,9 +167,11 @@ def _data_section(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _objectives(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
-    objective = spec["objective"]
-    items = objective if isinstance(objective, list) else [objective]
-    return [(o["metric"], o.get("direction", "maximize")) for o in items]
+    """The spec's (metric, direction) pairs; raises InvalidConfig when its objective is malformed."""
+    try:
+        return objectives_of(spec)
+    except SpecError as exc:
+        raise InvalidConfig(f"the spec's objective is invalid: {exc}") from exc
 
 
 def _use_device(device: str) -> None:
@@ -203,7 +184,8 @@ def _use_device(device: str) -> None:
         torch.cuda.set_device(int(device.split(":", 1)[1]))
 
 
-def _precision(config: Mapping[str, Any], device: str) -> dict[str, bool]:
+def _precision(config: Mapping[str, Any], device: str) -> str:
+    """The format to train in, fp32, bf16 or fp16, with "auto" resolved for the device; raises InvalidConfig."""
     choice = config["precision"]
     cuda = device.startswith("cuda")
     if choice == "auto":
@@ -214,11 +196,12 @@ def _precision(config: Mapping[str, Any], device: str) -> dict[str, bool]:
         raise InvalidConfig("this GPU does not support bf16; use precision fp16 or auto")
     if choice not in ("fp32", "bf16", "fp16"):
         raise InvalidConfig(f"unknown precision {choice!r}; use auto, fp32, bf16 or fp16")
-    return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
+    return str(choice)
 
 
-def training_arguments(config: Mapping[str, Any], device: str, output_dir: Path) -> Any:
+def training_arguments(config: Mapping[str, Any], device: str, output_dir: Path) -> TrainingArguments:
     """TrainingArguments for `config` (transformers 5 names); no checkpoints, no progress bars."""
+    precision = _precision(config, device)
     try:
         return TrainingArguments(
             output_dir=str(output_dir),
@@ -238,7 +221,8 @@ def training_arguments(config: Mapping[str, Any], device: str, output_dir: Path)
             seed=int(config["seed"]),
             data_seed=int(config["seed"]),
             use_cpu=device == "cpu",
-            **_precision(config, device),
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
             eval_strategy="no",  # the rung callback decides when to evaluate
             save_strategy="no",
             logging_strategy="steps",
@@ -294,6 +278,7 @@ class _TaskTrainer(Trainer):
                         ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
+        assert output.metrics is not None  # evaluation_loop always fills them (the loss at least)
         split = "test" if metric_key_prefix == "test" else "validation"
         extra = self.task.generation_metrics(self.model, self.processing_class, self.prepared, split,
                                              self.args.per_device_eval_batch_size)
