@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
+from tunefleet.service.auth import check_lease_token
 from tunefleet.service.errors import InvalidInput, NotFound
 from tunefleet.service.schemas import ArtifactOut
 from tunefleet.service.tables import Artifact, Lease, utcnow
@@ -48,14 +49,17 @@ class ArtifactStore:
 
 # ---- artifact records ------------------------------------------------------------------------------------
 
-def record_artifact(backend: Backend, trial_id: int, name: str, tmp: Path, sha256: str, size: int) -> ArtifactOut:
-    """Move an uploaded file into place and record it; uploading the same name again replaces it."""
+def record_artifact(backend: Backend, trial_id: int, token: str | None, name: str, tmp: Path, sha256: str,
+                    size: int) -> ArtifactOut:
+    """Move an uploaded file into place and record it; uploading the same name again replaces it. Only the
+    holder of the trial's lease token may upload (Forbidden otherwise)."""
     name = clean_name(name)
     with backend.trial_lock(trial_id), backend.session() as session:
         lease = session.get(Lease, trial_id)
         if lease is None:
             tmp.unlink(missing_ok=True)
             raise NotFound(f"trial {trial_id} has no lease; artifacts belong to leased trials")
+        check_lease_token(lease, token)
         path = backend.artifacts.path_for(lease.study_id, trial_id, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, path)

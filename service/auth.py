@@ -1,8 +1,10 @@
-"""API tokens: random secrets shown once, stored as SHA-256 hashes, each with one role."""
+"""API tokens (random secrets shown once, stored as SHA-256 hashes, each with one role) and lease tokens
+(one per lease: only the lease holder may change its trial)."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 
 import sqlalchemy as sa
@@ -11,22 +13,23 @@ from sqlalchemy.orm import Session, sessionmaker
 from tunefleet.service.config import Settings
 from tunefleet.service.db import make_engine, transaction
 from tunefleet.service.errors import AuthError, Forbidden, InvalidInput, NotFound
-from tunefleet.service.tables import Token, utcnow
+from tunefleet.service.tables import Lease, Token, utcnow
 
-__all__ = ["ROLES", "Principal", "authenticate", "create_token", "issue_token", "require_role", "revoke_token"]
+__all__ = ["LEASE_TOKEN_HEADER", "ROLES", "Principal", "authenticate", "check_lease_token", "create_token",
+           "issue_token", "new_lease_token", "require_role", "revoke_token"]
 
 ROLES = ("admin", "user", "worker")
 TOKEN_PREFIX = "tf_"
 
 
 class Principal:
-    """Who is calling: a token's name and role (``admin`` with auth off)."""
+    """Who is calling: a token's id, name and role (no id and role ``admin`` with auth off)."""
 
-    def __init__(self, name: str, role: str):
-        self.name, self.role = name, role
+    def __init__(self, name: str, role: str, token_id: int | None = None):
+        self.name, self.role, self.token_id = name, role, token_id
 
     def __repr__(self) -> str:
-        return f"Principal({self.name!r}, {self.role!r})"
+        return f"Principal({self.name!r}, {self.role!r}, token_id={self.token_id!r})"
 
 
 ANONYMOUS_ADMIN = Principal("anonymous (auth off)", "admin")
@@ -78,10 +81,30 @@ def authenticate(session: Session, header: str | None) -> Principal:
     row = session.scalar(sa.select(Token).where(Token.token_hash == digest))
     if row is None or row.revoked_at is not None:
         raise AuthError("invalid or revoked token: create a new one with `tunefleet token create`")
-    return Principal(row.name, row.role)
+    return Principal(row.name, row.role, row.id)
 
 
 def require_role(principal: Principal, *roles: str) -> None:
     if principal.role != "admin" and principal.role not in roles:
         raise Forbidden(f"token {principal.name!r} has role {principal.role}; this needs {' or '.join(roles)}")
 
+
+# ---- lease tokens: only a trial's lease holder may change it ---------------------------------------------
+
+LEASE_TOKEN_HEADER = "X-Lease-Token"
+
+
+def new_lease_token() -> tuple[str, str]:
+    """A lease token and the SHA-256 stored for it."""
+    token = secrets.token_urlsafe(32)
+    return token, hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_lease_token(record: Lease, token: str | None) -> None:
+    """Raise Forbidden unless `token` is the lease token of `record` (compared in constant time)."""
+    given = hashlib.sha256(token.encode()).hexdigest() if token else ""
+    if not token or record.token_hash is None or not hmac.compare_digest(given, record.token_hash):
+        what = "without a lease token" if not token else "with another lease's token"
+        raise Forbidden(f"trial {record.trial_id} is leased to worker {record.worker_id!r}; this call came {what}. "
+                        f"Only the lease holder may change a trial: send the `lease_token` of POST /api/v1/leases "
+                        f"in the {LEASE_TOKEN_HEADER} header")

@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 API_PREFIX = "/api/v1"
+# Header carrying a trial's lease token (the server's `tunefleet.service.auth.LEASE_TOKEN_HEADER`).
+LEASE_TOKEN_HEADER = "X-Lease-Token"
 # Answers that mean "the server (or its proxy) is briefly away": always worth another try.
 RETRY_STATUSES = frozenset({502, 503, 504})
 
@@ -68,7 +70,11 @@ class NotFoundError(ApiError):
 
 
 class AuthError(ApiError):
-    """401 (no or bad token) or 403 (the token's role may not do this)."""
+    """401 (no or bad token) or 403 (see ForbiddenError)."""
+
+
+class ForbiddenError(AuthError):
+    """403: the token's role may not do this, or a call on a trial came without its lease token."""
 
 
 class ConflictError(ApiError):
@@ -97,7 +103,7 @@ def format_detail(detail: Any) -> str:
 
 _ERRORS_BY_STATUS: dict[int, type[ApiError]] = {
     401: AuthError,
-    403: AuthError,
+    403: ForbiddenError,
     404: NotFoundError,
     409: ConflictError,
 }
@@ -153,6 +159,8 @@ class Client:
         else:
             self._http = httpx.Client(base_url=root, headers=headers, timeout=timeout, transport=transport)
             self._owns_http = True
+        # trial id -> the lease token of the lease this client holds on it (see `lease`).
+        self._lease_tokens: dict[int, str] = {}
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -183,6 +191,7 @@ class Client:
         json: Any = None,
         params: Mapping[str, Any] | None = None,
         content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
         retries: int | None = None,
         api: bool = True,
     ) -> httpx.Response:
@@ -198,7 +207,8 @@ class Client:
         for attempt in range(retries + 1):
             response: httpx.Response | None = None
             try:
-                response = self._http.request(method, url, json=json, params=query, content=content)
+                response = self._http.request(method, url, json=json, params=query, content=content,
+                                              headers=headers)
             except httpx.TransportError as exc:  # connection refused/reset, timeouts, protocol errors
                 last = ServerUnavailable(None, f"cannot reach {self.base_url}: {type(exc).__name__}: {exc}")
             else:
@@ -294,10 +304,13 @@ class Client:
         """GET /trials/{id}; raises NotFoundError."""
         return self._json("GET", f"/trials/{trial_id}")
 
-    def upload_artifact(self, trial_id: int, name: str, data: bytes | Path) -> dict[str, Any]:
-        """PUT /trials/{id}/artifacts/{name}; `name` may contain `/`. Same bytes again is a no-op."""
+    def upload_artifact(self, trial_id: int, name: str, data: bytes | Path, *,
+                        lease_token: str | None = None) -> dict[str, Any]:
+        """PUT /trials/{id}/artifacts/{name} as the trial's lease holder; `name` may contain `/`. The same name
+        again replaces the file."""
         content = data.read_bytes() if isinstance(data, Path) else data
-        return self._json("PUT", _artifact_path(trial_id, name), content=content)
+        return self._json("PUT", _artifact_path(trial_id, name), content=content,
+                          headers=self._holder(trial_id, lease_token))
 
     def list_artifacts(self, trial_id: int) -> list[dict[str, Any]]:
         """GET /trials/{id}/artifacts: `[{name, size, sha256, created_at}]`."""
@@ -313,22 +326,36 @@ class Client:
         """POST /leases: the next trial to run, or None when no study has work (204).
 
         One request id per call, reused by this call's retries, so a lease whose answer was lost is
-        handed back again instead of leaking a second trial.
+        handed back again instead of leaking a second trial. The answer's `lease_token` is kept: the
+        per-trial calls below send it (`X-Lease-Token`), since only the lease holder may change a trial.
         """
         body = {"worker_id": worker_id, "request_id": str(uuid.uuid4()), "device": dict(device),
                 "hostname": hostname}
-        return self._json("POST", "/leases", json=body)
+        leased = self._json("POST", "/leases", json=body)
+        if leased is not None:
+            self._lease_tokens[leased["trial_id"]] = leased["lease_token"]
+        return leased
 
-    def heartbeat(self, trial_id: int, worker_id: str) -> dict[str, Any]:
+    def _holder(self, trial_id: int, lease_token: str | None) -> dict[str, str]:
+        """The header that proves this client holds the trial's lease: `lease_token`, else the one `lease`
+        kept; none when this client never leased the trial (the server then answers 403)."""
+        token = lease_token or self._lease_tokens.get(trial_id)
+        return {LEASE_TOKEN_HEADER: token} if token else {}
+
+    def heartbeat(self, trial_id: int, worker_id: str, *, lease_token: str | None = None) -> dict[str, Any]:
         """POST /trials/{id}/heartbeat: extends the lease; `{stop, reason, deadline}`."""
-        return self._json("POST", f"/trials/{trial_id}/heartbeat", json={"worker_id": worker_id})
+        return self._json("POST", f"/trials/{trial_id}/heartbeat", json={"worker_id": worker_id},
+                          headers=self._holder(trial_id, lease_token))
 
     def report(
-        self, trial_id: int, step: int, value: float, metrics: Mapping[str, Any] | None = None
+        self, trial_id: int, step: int, value: float, metrics: Mapping[str, Any] | None = None, *,
+        lease_token: str | None = None,
     ) -> bool:
         """POST /trials/{id}/reports at `step` (percent of the budget); True means prune now."""
         body = {"step": step, "value": value, "metrics": dict(metrics or {})}
-        return bool(self._json("POST", f"/trials/{trial_id}/reports", json=body)["prune"])
+        answer = self._json("POST", f"/trials/{trial_id}/reports", json=body,
+                            headers=self._holder(trial_id, lease_token))
+        return bool(answer["prune"])
 
     def complete(
         self,
@@ -338,6 +365,8 @@ class Client:
         validation_metrics: Mapping[str, Any] | None = None,
         test_metrics: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
+        *,
+        lease_token: str | None = None,
     ) -> dict[str, Any]:
         """POST /trials/{id}/complete with the final value (or values); returns the Trial."""
         if (value is None) == (values is None):
@@ -345,11 +374,14 @@ class Client:
         body: dict[str, Any] = {"value": value} if values is None else {"values": list(values)}
         body.update(validation_metrics=dict(validation_metrics or {}), test_metrics=dict(test_metrics or {}),
                     extra=dict(extra or {}))
-        return self._json("POST", f"/trials/{trial_id}/complete", json=body)
+        return self._json("POST", f"/trials/{trial_id}/complete", json=body,
+                          headers=self._holder(trial_id, lease_token))
 
-    def fail(self, trial_id: int, reason: str, retryable: bool = False) -> dict[str, Any]:
+    def fail(self, trial_id: int, reason: str, retryable: bool = False, *,
+             lease_token: str | None = None) -> dict[str, Any]:
         """POST /trials/{id}/fail; a retryable failure re-queues the same parameters."""
-        return self._json("POST", f"/trials/{trial_id}/fail", json={"reason": reason, "retryable": retryable})
+        return self._json("POST", f"/trials/{trial_id}/fail", json={"reason": reason, "retryable": retryable},
+                          headers=self._holder(trial_id, lease_token))
 
     # -- tokens ---------------------------------------------------------------------------------
 

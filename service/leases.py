@@ -5,9 +5,16 @@ own rows are flushed. On SQLite both engines share one file lock; our session ho
 call waits on Optuna's cache lock, held by another thread that waits for the file lock, would deadlock until
 the busy timeout. Sessions are made with autoflush off, and `maybe_complete` runs after the commit.
 
-Every call a worker makes is idempotent: a retried report returns the stored answer, a retried complete or
-fail returns the trial as it is. State changes of one trial hold its lock (a process lock, and the lease row
-FOR UPDATE on PostgreSQL), so a report racing a reaper or a duplicate never changes a trial twice.
+Only the holder of a lease may change its trial: a lease answer carries a secret lease token (only its
+SHA-256 is stored), and every call on the trial (heartbeat, report, complete, fail, artifact upload) must
+send it in the `X-Lease-Token` header. A call without it, or with another lease's token, is refused (403)
+before anything is read or written; the holder of a lease that ended meanwhile gets 409 (`LeaseLost`).
+
+Every call a worker makes is idempotent: a repeated lease request (the same `request_id` from the same
+worker and API token) returns the same trial with a fresh lease token (the first answer never arrived),
+a retried report returns the stored answer, a retried complete or fail returns the trial as it is. State
+changes of one trial hold its lock (a process lock, and the lease row FOR UPDATE on PostgreSQL), so a
+report racing a reaper or a duplicate never changes a trial twice.
 """
 
 from __future__ import annotations
@@ -25,15 +32,16 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from tunefleet.service.auth import Principal, check_lease_token, new_lease_token
 from tunefleet.service.backend import Backend, StudyRuntime
-from tunefleet.service.errors import InvalidInput, LeaseLost, NotFound
+from tunefleet.service.errors import Conflict, InvalidInput, LeaseLost, NotFound
 from tunefleet.service.schemas import CompleteIn, FailIn, HeartbeatOut, LeaseIn, LeaseOut, ReportIn, TrialOut
 from tunefleet.service.storage import optuna_now, trial_storage_id, unleased_running_trials
 from tunefleet.service.studies import aware, get_trial, maybe_complete, usage
 from tunefleet.service.tables import Lease, RungReport, Worker, utcnow
 from tunefleet.service.tables import Study as StudyRow
 
-__all__ = ["complete", "fail", "heartbeat", "lease", "reap_expired", "reap_orphans", "report"]
+__all__ = ["complete", "fail", "heartbeat", "lease", "reap_expired", "reap_orphans", "report", "require_holder"]
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -46,14 +54,14 @@ def lease_deadline(backend: Backend) -> datetime:
 
 # ---- lease -----------------------------------------------------------------------------------------------
 
-def lease(backend: Backend, body: LeaseIn) -> LeaseOut | None:
+def lease(backend: Backend, body: LeaseIn, principal: Principal) -> LeaseOut | None:
     """Hand the worker a trial of the running study that has the fewest trials in flight; None when no study
-    has work. A repeated ``request_id`` returns the lease it created."""
+    has work. A repeated ``request_id`` of the same worker returns the lease it created, with a new token."""
+    if body.request_id:
+        repeated = _repeated_lease(backend, body, principal)
+        if repeated is not None:
+            return repeated
     with backend.session() as session:
-        if body.request_id:
-            existing = session.scalar(sa.select(Lease).where(Lease.request_id == body.request_id))
-            if existing is not None:
-                return _lease_out(backend, existing)
         _touch_worker(session, body)
         in_flight = (sa.select(sa.func.count()).where(Lease.study_id == StudyRow.id, Lease.state == "active")
                      .scalar_subquery())
@@ -66,7 +74,7 @@ def lease(backend: Backend, body: LeaseIn) -> LeaseOut | None:
             runtime = backend.runtime(study_id)
         except NotFound:
             continue  # deleted meanwhile
-        leased = _lease_from(backend, runtime, body)
+        leased = _lease_from(backend, runtime, body, principal)
         if leased is not None:
             return leased
     return None
@@ -80,7 +88,22 @@ def _touch_worker(session: Session, body: LeaseIn) -> None:
         worker.last_seen, worker.hostname, worker.device = utcnow(), body.hostname, body.device
 
 
-def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn) -> LeaseOut | None:
+def _repeated_lease(backend: Backend, body: LeaseIn, principal: Principal) -> LeaseOut | None:
+    """The lease an earlier request with this worker's `request_id` created, with a new lease token (the
+    caller never got the first answer); None when there was no such request."""
+    with backend.session() as session:
+        existing = session.scalar(sa.select(Lease).where(Lease.worker_id == body.worker_id,
+                                                         Lease.request_id == body.request_id).with_for_update())
+        if existing is None:
+            return None
+        if existing.owner_token_id != principal.token_id:
+            raise Conflict(f"request_id {body.request_id!r} of worker {body.worker_id!r} was used with another "
+                           "API token: send a new request_id for each lease request")
+        token, existing.token_hash = new_lease_token()
+        return _lease_out(backend, existing, token)
+
+
+def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn, principal: Principal) -> LeaseOut | None:
     with backend.ask_lock(runtime):
         backend.storage.sync(runtime.id)  # trials other server processes created or finished
         with backend.session() as session:
@@ -95,12 +118,14 @@ def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn) -> Lease
             trial = runtime.study.ask(runtime.distributions)
     # The lease row is written after the ask lock is released: the budget counts Optuna's RUNNING trials,
     # so the next ask already sees this one, and the reaper only looks at lease rows.
+    token, token_hash = new_lease_token()
     try:
         with backend.session() as session:
             attrs = trial.user_attrs
             record = Lease(trial_id=trial_storage_id(trial), study_id=runtime.id, worker_id=body.worker_id,
-                           request_id=body.request_id, attempt=int(attrs.get("attempt", 0)),
-                           retry_of=attrs.get("retry_of"), state="active", deadline=lease_deadline(backend))
+                           request_id=body.request_id, token_hash=token_hash, owner_token_id=principal.token_id,
+                           attempt=int(attrs.get("attempt", 0)), retry_of=attrs.get("retry_of"), state="active",
+                           deadline=lease_deadline(backend))
             session.add(record)
             session.execute(sa.update(StudyRow).where(StudyRow.id == runtime.id).values(last_leased_at=utcnow()))
             session.execute(sa.update(Worker).where(Worker.id == body.worker_id)
@@ -109,18 +134,18 @@ def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn) -> Lease
         # Never leave a RUNNING trial without a lease: nothing would ever reap it.
         runtime.study.tell(trial, state=TrialState.FAIL)
         if isinstance(exc, IntegrityError) and body.request_id:
-            return lease(backend, body)  # a concurrent retry of this request won: return its lease
+            return lease(backend, body, principal)  # a concurrent retry of this request won: return its lease
         raise
     log.info("trial %s (study %s #%s) leased to %s: %s", trial_storage_id(trial), runtime.name, trial.number,
              body.worker_id, trial.params)
-    return _lease_out(backend, record)
+    return _lease_out(backend, record, token)
 
 
-def _lease_out(backend: Backend, record: Lease) -> LeaseOut:
+def _lease_out(backend: Backend, record: Lease, token: str) -> LeaseOut:
     runtime = backend.runtime(record.study_id)
     t = backend.storage.get_trial(record.trial_id)
     return LeaseOut(
-        trial_id=record.trial_id, study_id=runtime.id, study_name=runtime.name, number=t.number,
+        trial_id=record.trial_id, lease_token=token, study_id=runtime.id, study_name=runtime.name, number=t.number,
         attempt=record.attempt, params=t.params, spec=runtime.spec.model_dump(mode="json"), rungs=runtime.rungs,
         is_baseline=bool(t.user_attrs.get("is_baseline")), deadline=record.deadline,
         lease_seconds=backend.settings.lease_seconds, heartbeat_interval=max(1.0, backend.settings.lease_seconds / 6),
@@ -130,17 +155,31 @@ def _lease_out(backend: Backend, record: Lease) -> LeaseOut:
 # ---- per-trial calls -------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _locked_lease(backend: Backend, trial_id: int) -> Iterator[tuple[Session, Lease, StudyRuntime]]:
+def _locked_lease(backend: Backend, trial_id: int, token: str | None,
+                  holder_only: bool = True) -> Iterator[tuple[Session, Lease, StudyRuntime]]:
+    """The trial's lease row, locked; with `holder_only`, Forbidden unless `token` is its lease token."""
     with backend.trial_lock(trial_id), backend.session() as session:
         record = session.get(Lease, trial_id, with_for_update=backend.is_postgres)
         if record is None:
             raise NotFound(f"trial {trial_id} has no lease: lease trials with POST /api/v1/leases")
+        if holder_only:
+            check_lease_token(record, token)
         yield session, record, backend.runtime(record.study_id)
 
 
-def heartbeat(backend: Backend, trial_id: int, worker_id: str = "") -> HeartbeatOut:
+def require_holder(backend: Backend, trial_id: int, token: str | None) -> None:
+    """Forbidden unless `token` is the trial's lease token; NotFound without a lease. A cheap check before
+    a long upload; the write itself checks again under the trial's lock."""
+    with backend.session() as session:
+        record = session.get(Lease, trial_id)
+        if record is None:
+            raise NotFound(f"trial {trial_id} has no lease: lease trials with POST /api/v1/leases")
+        check_lease_token(record, token)
+
+
+def heartbeat(backend: Backend, trial_id: int, token: str | None, worker_id: str = "") -> HeartbeatOut:
     """Extend the lease; answer stop=True when the worker should give the trial up."""
-    with _locked_lease(backend, trial_id) as (session, record, _):
+    with _locked_lease(backend, trial_id, token) as (session, record, _):
         if record.state != "active":
             return HeartbeatOut(stop=True, reason=f"trial {trial_id} is {record.state}")
         study = session.get(StudyRow, record.study_id)
@@ -152,12 +191,12 @@ def heartbeat(backend: Backend, trial_id: int, worker_id: str = "") -> Heartbeat
         return HeartbeatOut(stop=False, deadline=record.deadline)
 
 
-def report(backend: Backend, trial_id: int, body: ReportIn) -> bool:
+def report(backend: Backend, trial_id: int, token: str | None, body: ReportIn) -> bool:
     """Record an intermediate value and return the pruner's answer (the stored one on a retry)."""
     if not math.isfinite(body.value):
         raise InvalidInput(f"report value {body.value} is not finite: fail the trial instead "
                            "(POST /trials/{id}/fail with the reason)")
-    with _locked_lease(backend, trial_id) as (session, record, runtime):
+    with _locked_lease(backend, trial_id, token) as (session, record, runtime):
         answered = sa.select(RungReport.step, RungReport.prune).where(RungReport.trial_id == trial_id)
         answers = dict(session.execute(answered).all())
         if body.step in answers:
@@ -193,9 +232,9 @@ def report(backend: Backend, trial_id: int, body: ReportIn) -> bool:
     return prune
 
 
-def complete(backend: Backend, trial_id: int, body: CompleteIn) -> TrialOut:
+def complete(backend: Backend, trial_id: int, token: str | None, body: CompleteIn) -> TrialOut:
     """Tell Optuna the trial's final value(s) with its metrics; a repeat returns the trial unchanged."""
-    with _locked_lease(backend, trial_id) as (session, record, runtime):
+    with _locked_lease(backend, trial_id, token) as (session, record, runtime):
         t = backend.storage.get_trial(trial_id)
         if record.state == "active" and t.state == TrialState.COMPLETE:
             record.state = "complete"  # told before a crash, recorded now
@@ -230,9 +269,9 @@ def _reason(record: Lease) -> str:
     return f" ({record.fail_reason})" if record.fail_reason else ""
 
 
-def fail(backend: Backend, trial_id: int, body: FailIn) -> TrialOut:
+def fail(backend: Backend, trial_id: int, token: str | None, body: FailIn) -> TrialOut:
     """Tell Optuna the trial failed; re-queue its parameters when retryable and attempts are left."""
-    with _locked_lease(backend, trial_id) as (session, record, runtime):
+    with _locked_lease(backend, trial_id, token) as (session, record, runtime):
         if record.state == "active":
             _fail_and_maybe_requeue(backend, session, record, runtime, body.reason, body.retryable, "failed")
     maybe_complete(backend, runtime)
@@ -274,7 +313,7 @@ def reap_expired(backend: Backend) -> int:
     reaped = 0
     for trial_id in expired:
         try:
-            with _locked_lease(backend, trial_id) as (session, record, runtime):
+            with _locked_lease(backend, trial_id, None, holder_only=False) as (session, record, runtime):
                 late = (utcnow() - aware(record.deadline)).total_seconds()
                 if record.state != "active" or late <= grace:
                     continue  # finished or heartbeated meanwhile

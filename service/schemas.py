@@ -67,13 +67,15 @@ class StudyOut(BaseModel):
 
 class LeaseIn(_In):
     worker_id: str = Field(min_length=1, max_length=200)
-    request_id: str | None = Field(None, max_length=64)
+    # Idempotency key of this request, unique per worker; a retry sends the same one. Printable ASCII.
+    request_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[!-~]+$")
     device: dict[str, Any] = Field(default_factory=dict)
     hostname: str = ""
 
 
 class LeaseOut(BaseModel):
     trial_id: int
+    lease_token: str = Field(description="send it in the X-Lease-Token header of every call on this trial")
     study_id: int
     study_name: str
     number: int

@@ -42,11 +42,17 @@ class Lease(Base):
     """One attempt of one trial by one worker. ``trial_id`` is Optuna's trial id."""
 
     __tablename__ = "tf_leases"
+    __table_args__ = (UniqueConstraint("worker_id", "request_id", name="uq_tf_leases_worker_request"),)
 
     trial_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     study_id: Mapped[int] = mapped_column(ForeignKey("tf_studies.id", ondelete="CASCADE"), index=True)
     worker_id: Mapped[str] = mapped_column(String(200))
-    request_id: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    # A lease request's idempotency key, unique per worker (two workers may pick the same key).
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # SHA-256 of the lease token: only its holder may change the trial. None: leased before tokens existed.
+    token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The API token that leased it (None with auth off): a repeated request_id answers only to it.
+    owner_token_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     retry_of: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # active | complete | pruned | failed | expired

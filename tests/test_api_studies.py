@@ -53,7 +53,8 @@ def test_pause_resume_stop_delete(http: httpx.Client) -> None:
     assert http.post(f"/studies/{sid}/resume").json()["state"] == "running"
     lease = http.post("/leases", json={"worker_id": "w"}).json()
     assert http.post(f"/studies/{sid}/stop").json()["state"] == "stopped"
-    assert http.post(f"/trials/{lease['trial_id']}/heartbeat", json={"worker_id": "w"}).json()["stop"] is True
+    assert http.post(f"/trials/{lease['trial_id']}/heartbeat", json={"worker_id": "w"},
+                     headers={"X-Lease-Token": lease["lease_token"]}).json()["stop"] is True
     conflict = http.post(f"/studies/{sid}/resume")
     assert conflict.status_code == 409 and "stopped" in conflict.json()["detail"]
     assert http.delete(f"/studies/{sid}").status_code == 204
@@ -157,4 +158,5 @@ def test_each_sampler_hands_out_trials(http: httpx.Client, sampler: str) -> None
     for i in range(3):
         lease = http.post("/leases", json={"worker_id": "w"}).json()
         assert set(lease["params"]) == {"learning_rate", "lora_r"}
-        http.post(f"/trials/{lease['trial_id']}/complete", json={"value": 0.1 * i})
+        http.post(f"/trials/{lease['trial_id']}/complete", json={"value": 0.1 * i},
+                  headers={"X-Lease-Token": lease["lease_token"]})

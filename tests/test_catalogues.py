@@ -113,3 +113,9 @@ def test_the_trainers_resolved_config_gives_every_parameter() -> None:
     config = resolve_config({"seed": 3}, {})
     assert set(config) == set(TRAINING_PARAMS)
     assert config["seed"] == 3 and config["lora_alpha"] == 2 * config["lora_r"]
+
+
+def test_the_client_and_the_server_name_the_lease_token_header_alike() -> None:
+    from tunefleet.service import auth, client
+
+    assert client.LEASE_TOKEN_HEADER == auth.LEASE_TOKEN_HEADER

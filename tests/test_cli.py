@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import LiveServer, study_spec
 from tunefleet.cli import app
+from tunefleet.service.db import head_revision
 
 runner = CliRunner()
 
@@ -78,7 +79,7 @@ def test_server_on_unmigrated_database_says_what_to_run(pg_template: str, tmp_pa
         assert refused.returncode == 1, refused.stderr
         assert "tunefleet db upgrade" in refused.stderr + refused.stdout and "Traceback" not in refused.stderr
         upgraded = _cli(env, "db", "upgrade")
-        assert upgraded.returncode == 0 and "0001" in upgraded.stdout
+        assert upgraded.returncode == 0 and head_revision(_db_url(name)) in upgraded.stdout
         token = _cli(env, "token", "create", "--name", "ops", "--role", "admin")
         assert token.returncode == 0 and token.stdout.strip().startswith("tf_")
     finally:
@@ -186,7 +187,8 @@ def test_db_upgrade_accepts_a_bare_postgresql_url(scheme: str, pg_template: str,
     try:
         upgraded = _cli(env, "db", "upgrade")
         assert upgraded.returncode == 0, upgraded.stderr
-        assert "0001" in upgraded.stdout and "psycopg'" not in upgraded.stderr
+        assert f"revision {head_revision(_bare_url(name, scheme))}" in upgraded.stdout
+        assert "psycopg'" not in upgraded.stderr
         token = _cli(env, "token", "create", "--name", "ops", "--role", "admin")
         assert token.returncode == 0 and token.stdout.strip().startswith("tf_"), token.stderr
     finally:

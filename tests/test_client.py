@@ -15,6 +15,7 @@ from tunefleet.service.client import (
     AuthError,
     Client,
     ConflictError,
+    ForbiddenError,
     NotFoundError,
     ServerUnavailable,
 )
@@ -130,7 +131,7 @@ def test_retry_after_header_is_honoured_up_to_max_backoff() -> None:
 
 @pytest.mark.parametrize(
     ("status", "error"),
-    [(400, ApiError), (401, AuthError), (403, AuthError), (404, NotFoundError), (409, ConflictError),
+    [(400, ApiError), (401, AuthError), (403, ForbiddenError), (404, NotFoundError), (409, ConflictError),
      (500, ApiError)],
 )
 def test_client_errors_map_to_exceptions_without_retry(status: int, error: type[ApiError]) -> None:
@@ -169,7 +170,7 @@ def test_lease_204_means_no_work() -> None:
 
 
 def test_lease_reuses_its_request_id_across_retries_only() -> None:
-    lease = {"trial_id": 17, "params": {}, "rungs": [20, 100]}
+    lease = {"trial_id": 17, "lease_token": "secret-17", "params": {}, "rungs": [20, 100]}
     handler = Recorder(httpx.ConnectError("reset"), ok({"detail": "busy"}, 502), ok(lease))
     client = make_client(handler)
     assert client.lease("node1-gpu0", {"type": "cuda", "name": "H100"}, "node1") == lease
@@ -180,6 +181,19 @@ def test_lease_reuses_its_request_id_across_retries_only() -> None:
     handler.answers = [ok(lease)]
     client.lease("node1-gpu0", {"type": "cpu"}, "node1")
     assert json.loads(handler.requests[-1].content)["request_id"] != bodies[0]["request_id"]
+
+
+def test_calls_on_a_leased_trial_send_its_lease_token() -> None:
+    handler = Recorder(ok({"trial_id": 17, "lease_token": "secret-17"}), ok({"prune": False}),
+                       ok({"stop": False}), ok({"prune": False}), ok({"id": 9}))
+    client = make_client(handler)
+    client.lease("w", {}, "h")
+    client.report(17, 20, 0.5)
+    client.heartbeat(17, "w")
+    client.report(17, 40, 0.6, lease_token="handed-over")
+    client.complete(9, value=0.1)  # a trial this client never leased: no header, the server answers 403
+    tokens = [r.headers.get("X-Lease-Token") for r in handler.requests]
+    assert tokens == [None, "secret-17", "secret-17", "handed-over", None]
 
 
 def test_report_returns_the_prune_decision() -> None:

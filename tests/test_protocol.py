@@ -116,14 +116,16 @@ def test_every_worker_write_is_idempotent(server: LiveServer) -> None:
         lease1 = http.post("/api/v1/leases", json=body).json()
         lease2 = http.post("/api/v1/leases", json=body).json()
         assert lease1["trial_id"] == lease2["trial_id"], "a retried lease returns the same trial"
-        tid = lease1["trial_id"]
-        first = http.post(f"/api/v1/trials/{tid}/reports", json={"step": 20, "value": 0.4}).json()
-        again = http.post(f"/api/v1/trials/{tid}/reports", json={"step": 20, "value": 0.9}).json()
+        tid, token = lease1["trial_id"], lease2["lease_token"]  # a retry answers with a fresh token
+        holder = {"X-Lease-Token": token}
+        first = http.post(f"/api/v1/trials/{tid}/reports", json={"step": 20, "value": 0.4}, headers=holder).json()
+        again = http.post(f"/api/v1/trials/{tid}/reports", json={"step": 20, "value": 0.9}, headers=holder).json()
         assert first == again
-        done = client.complete(tid, value=0.7, validation_metrics={"accuracy": 0.7}, test_metrics={"accuracy": 0.69})
-        repeat = client.complete(tid, value=0.1)
+        done = client.complete(tid, value=0.7, validation_metrics={"accuracy": 0.7}, test_metrics={"accuracy": 0.69},
+                               lease_token=token)
+        repeat = client.complete(tid, value=0.1, lease_token=token)
         assert repeat["value"] == done["value"] == 0.7 and repeat["test_metrics"] == {"accuracy": 0.69}
-        assert client.fail(tid, "late failure", retryable=True)["state"] == "COMPLETE"
+        assert client.fail(tid, "late failure", retryable=True, lease_token=token)["state"] == "COMPLETE"
         trial = client.get_trial(tid)
         assert trial["intermediate_values"] == {"20": 0.4}
         shown = client.get_study(study["id"])
@@ -209,7 +211,8 @@ def test_artifacts_upload_list_download(server: LiveServer, tmp_path: Path) -> N
         assert again["sha256"] == meta["sha256"]
         assert [a["name"] for a in client.list_artifacts(lease["trial_id"])] == ["adapter/adapter_model.safetensors"]
         assert client.download_artifact(lease["trial_id"], "adapter/adapter_model.safetensors") == blob
-        bad = httpx.put(f"{server.url}/api/v1/trials/{lease['trial_id']}/artifacts/..%2Fescape", content=b"x")
+        bad = httpx.put(f"{server.url}/api/v1/trials/{lease['trial_id']}/artifacts/..%2Fescape", content=b"x",
+                        headers={"X-Lease-Token": lease["lease_token"]})
         assert bad.status_code in (404, 422)
 
 
@@ -279,9 +282,10 @@ def test_a_trial_reported_to_two_replicas_is_judged_on_all_its_reports(pg_url: s
         lease = ca.lease("w", {}, "h")
         trial_id = lease["trial_id"]
         assert ca.report(trial_id, 20, 0.50) is False
-        assert cb.report(trial_id, 40, 0.60) is False
+        token = lease["lease_token"]
+        assert cb.report(trial_id, 40, 0.60, lease_token=token) is False
         assert ca.report(trial_id, 60, 0.70) is False
-        assert cb.report(trial_id, 60, 0.70) is False  # a retry of the same step: the stored answer
+        assert cb.report(trial_id, 60, 0.70, lease_token=token) is False  # a retry of the same step: stored answer
         expected = {20: 0.50, 40: 0.60, 60: 0.70}
         assert a.backend.storage.get_trial(trial_id).intermediate_values == expected
         ca.complete(trial_id, value=0.8)

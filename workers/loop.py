@@ -34,7 +34,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, TypeVar
 
-from tunefleet.service.client import ApiError, AuthError, Client, ConflictError, NotFoundError, ServerUnavailable
+from tunefleet.service.client import (
+    ApiError,
+    AuthError,
+    Client,
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    ServerUnavailable,
+)
 from tunefleet.workers.errors import TrialFailed, TrialInterrupted
 
 __all__ = [
@@ -142,7 +150,7 @@ class _Heartbeat:
         while not self._done.wait(self.interval):
             try:
                 answer = self.client.heartbeat(self.trial_id, self.worker_id)
-            except (NotFoundError, ConflictError) as exc:
+            except (NotFoundError, ConflictError, ForbiddenError) as exc:  # 403: not our lease token
                 self._request_stop(f"the server no longer knows this lease: {exc.message}")
                 return
             except ApiError as exc:  # the server is away: keep training, the lease has slack
@@ -338,18 +346,18 @@ class WorkerLoop:
         """Call until the server answers: trial writes are idempotent, so repeats are safe.
 
         Gives up (returning None) on shutdown, when the server says the trial is not ours any more
-        (404/409: pruned, expired, deleted), on any other 4xx, or after `MAX_SERVER_ERRORS` 500s.
-        Raises AuthError: a rejected token ends the worker.
+        (404/409: pruned, expired, deleted; 403 on a trial: not our lease token), on any other 4xx, or after
+        `MAX_SERVER_ERRORS` 500s. Raises AuthError on a 401: a rejected API token ends the worker.
         """
         server_errors = 0
         while True:
             try:
                 return call()
-            except AuthError:
-                raise
-            except (NotFoundError, ConflictError) as exc:
+            except (NotFoundError, ConflictError, ForbiddenError) as exc:  # the lease came with our token's role
                 log.warning("%s: the server refused (%s); moving on", what, exc.message)
                 return None
+            except AuthError:
+                raise
             except ServerUnavailable as exc:
                 if self.shutting_down:
                     log.error("%s lost: server unreachable during shutdown (%s)", what, exc.message)

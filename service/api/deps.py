@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
-from tunefleet.service.auth import ANONYMOUS_ADMIN, Principal, authenticate, require_role
+from tunefleet.service.auth import ANONYMOUS_ADMIN, LEASE_TOKEN_HEADER, Principal, authenticate, require_role
 from tunefleet.service.backend import Backend
 
-__all__ = ["Admin", "BackendDep", "Reader", "UserOrAdmin", "WorkerOrAdmin"]
+__all__ = ["Admin", "BackendDep", "LeaseToken", "Reader", "UserOrAdmin", "WorkerOrAdmin"]
 
 
 def get_backend(request: Request) -> Backend:
@@ -44,3 +44,7 @@ Reader = Annotated[Principal, _role("user", "worker")]
 UserOrAdmin = Annotated[Principal, _role("user")]
 WorkerOrAdmin = Annotated[Principal, _role("worker")]
 Admin = Annotated[Principal, _role("admin")]
+
+# The secret of a trial's lease (from POST /leases): every call that changes the trial must send it.
+LeaseToken = Annotated[str | None, Header(alias=LEASE_TOKEN_HEADER,
+                                          description="the lease_token of POST /api/v1/leases for this trial")]

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tunefleet.service import leases, studies
 from tunefleet.service.api import metrics
-from tunefleet.service.api.deps import BackendDep, Reader, WorkerOrAdmin
+from tunefleet.service.api.deps import BackendDep, LeaseToken, Reader, WorkerOrAdmin
 from tunefleet.service.artifacts import artifact_path, clean_name, list_artifacts, record_artifact
 from tunefleet.service.errors import InvalidInput
 from tunefleet.service.schemas import (
@@ -31,8 +31,8 @@ router = APIRouter(prefix="/api/v1", tags=["trials"])
 
 
 @router.post("/leases", response_model=LeaseOut, responses={204: {"description": "no study has work"}})
-def lease(backend: BackendDep, _: WorkerOrAdmin, body: LeaseIn) -> LeaseOut | Response:
-    leased = leases.lease(backend, body)
+def lease(backend: BackendDep, principal: WorkerOrAdmin, body: LeaseIn) -> LeaseOut | Response:
+    leased = leases.lease(backend, body, principal)
     if leased is None:
         return Response(status_code=204)
     metrics.LEASES.inc()
@@ -45,36 +45,40 @@ def get_trial(backend: BackendDep, _: Reader, trial_id: int) -> TrialOut:
 
 
 @router.post("/trials/{trial_id}/heartbeat", response_model=HeartbeatOut)
-def heartbeat(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: HeartbeatIn | None = None) -> HeartbeatOut:
-    return leases.heartbeat(backend, trial_id, body.worker_id if body else "")
+def heartbeat(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, token: LeaseToken = None,
+              body: HeartbeatIn | None = None) -> HeartbeatOut:
+    return leases.heartbeat(backend, trial_id, token, body.worker_id if body else "")
 
 
 @router.post("/trials/{trial_id}/reports", response_model=ReportOut)
-def report(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: ReportIn) -> ReportOut:
-    prune = leases.report(backend, trial_id, body)
+def report(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: ReportIn, token: LeaseToken = None
+           ) -> ReportOut:
+    prune = leases.report(backend, trial_id, token, body)
     metrics.REPORTS.labels(prune=str(prune).lower()).inc()
     return ReportOut(prune=prune)
 
 
 @router.post("/trials/{trial_id}/complete", response_model=TrialOut)
-def complete(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: CompleteIn) -> TrialOut:
-    trial = leases.complete(backend, trial_id, body)
+def complete(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: CompleteIn, token: LeaseToken = None
+             ) -> TrialOut:
+    trial = leases.complete(backend, trial_id, token, body)
     metrics.FINISHED.labels(state="complete").inc()
     return trial
 
 
 @router.post("/trials/{trial_id}/fail", response_model=TrialOut)
-def fail(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: FailIn) -> TrialOut:
-    trial = leases.fail(backend, trial_id, body)
+def fail(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: FailIn, token: LeaseToken = None) -> TrialOut:
+    trial = leases.fail(backend, trial_id, token, body)
     metrics.FINISHED.labels(state="fail").inc()
     return trial
 
 
 @router.put("/trials/{trial_id}/artifacts/{name:path}", response_model=ArtifactOut)
-async def put_artifact(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, name: str,
-                       request: Request) -> ArtifactOut:
+async def put_artifact(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, name: str, request: Request,
+                       token: LeaseToken = None) -> ArtifactOut:
     """Upload one file (streamed to disk, then renamed into place); the same name again replaces it."""
     clean_name(name)
+    await run_in_threadpool(leases.require_holder, backend, trial_id, token)  # before reading the body
     limit = backend.settings.max_artifact_mb * 2**20
     fd, tmp = backend.artifacts.incoming()
     digest, size = hashlib.sha256(), 0
@@ -87,7 +91,7 @@ async def put_artifact(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, nam
                                        "raise TUNEFLEET_MAX_ARTIFACT_MB")
                 digest.update(chunk)
                 fh.write(chunk)
-        return await run_in_threadpool(record_artifact, backend, trial_id, name, tmp, digest.hexdigest(), size)
+        return await run_in_threadpool(record_artifact, backend, trial_id, token, name, tmp, digest.hexdigest(), size)
     finally:
         tmp.unlink(missing_ok=True)
 
