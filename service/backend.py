@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from tunefleet.service.errors import NotFound
 from tunefleet.service.search import build_pruner, build_sampler, distributions
 from tunefleet.service.spec import StudySpec
 from tunefleet.service.storage import ServerStorage
+from tunefleet.service.tables import Lease
 from tunefleet.service.tables import Study as StudyRow
 
 __all__ = ["Backend", "StudyRuntime"]
@@ -37,6 +38,10 @@ _ADVISORY_NAMESPACE = 0x7466  # "tf": first key of pg_advisory_lock(int, int)
 _TRIAL_LOCK_STRIPES = 256
 # GPSampler changes process-wide torch thread settings while it optimises: one GP ask at a time.
 _GP_LOCK = threading.Lock()
+
+
+def _ignore(_state: str) -> None:
+    pass
 
 
 class PrincipalCache:
@@ -98,6 +103,9 @@ class Backend:
         # trial id -> number of its reports this process has seen: a report that finds more in the database
         # knows another server process handled some, and re-reads the trial (see leases.report).
         self.reports_handled: dict[int, int] = {}
+        # Called once for each trial this process moves to a final state ("pruned", ...), after the commit;
+        # the API layer sets it to count them into Prometheus (the domain layer knows no metrics).
+        self.on_trial_finished: Callable[[str], None] = _ignore
 
     def session(self) -> contextlib.AbstractContextManager[Session]:
         return transaction(self.sessions)
@@ -145,6 +153,12 @@ class Backend:
                 finally:
                     conn.execute(sa.text("SELECT pg_advisory_unlock(:ns, :id)"), key)
                     conn.commit()
+
+    def active_leases(self) -> int:
+        """How many leases are active (trials handed to a worker and not finished), across every server
+        process: counted in the database."""
+        with self.session() as session:
+            return session.scalar(sa.select(sa.func.count()).select_from(Lease).where(Lease.state == "active")) or 0
 
     def trial_lock(self, trial_id: int) -> threading.Lock:
         """A process-local lock for state changes of one trial (rows are also locked FOR UPDATE on PostgreSQL)."""

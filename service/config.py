@@ -9,8 +9,9 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings", "is_loopback", "normalise_database_url"]
@@ -47,7 +48,23 @@ class Settings(BaseSettings):
     max_artifact_mb: int = Field(2048, gt=0)
     server_url: str = Field("http://127.0.0.1:8000", description="where the CLI and workers find the server")
     token: str | None = Field(None, description="bearer token the CLI and workers send")
-    log_level: str = "info"
+    metrics_auth: bool | None = Field(
+        None, description="require a bearer token (of any role) for /metrics; unset means the same as auth, "
+        "false keeps /metrics open even with auth on"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="level of the server's own log lines (loggers tunefleet.*) and of uvicorn's; "
+        "any case"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="server log lines on stderr: text (time, level, logger, message) or json (one "
+        "object per line)"
+    )
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @property
     def resolved_database_url(self) -> str:

@@ -37,7 +37,7 @@ from tunefleet.service.backend import Backend, StudyRuntime
 from tunefleet.service.errors import Conflict, InvalidInput, LeaseLost, NotFound
 from tunefleet.service.schemas import CompleteIn, FailIn, HeartbeatOut, LeaseIn, LeaseOut, ReportIn, TrialOut
 from tunefleet.service.storage import optuna_now, trial_storage_id, unleased_running_trials
-from tunefleet.service.studies import aware, get_trial, maybe_complete, usage
+from tunefleet.service.studies import aware, get_trial, maybe_complete, retried_trial_ids, usage
 from tunefleet.service.tables import Lease, RungReport, Worker, utcnow
 from tunefleet.service.tables import Study as StudyRow
 
@@ -130,11 +130,16 @@ def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn, principa
             session.execute(sa.update(StudyRow).where(StudyRow.id == runtime.id).values(last_leased_at=utcnow()))
             session.execute(sa.update(Worker).where(Worker.id == body.worker_id)
                             .values(trials_leased=Worker.trials_leased + 1))
-    except BaseException as exc:
-        # Never leave a RUNNING trial without a lease: nothing would ever reap it.
-        runtime.study.tell(trial, state=TrialState.FAIL)
-        if isinstance(exc, IntegrityError) and body.request_id:
-            return lease(backend, body, principal)  # a concurrent retry of this request won: return its lease
+    except IntegrityError:
+        # The orphan reaper claimed this trial (its row is there: it fails and re-queues it), or a concurrent
+        # retry of this request_id won. Then the trial goes back as the reaper would, so the budget stays
+        # exact, and the worker gets the lease of its request.
+        _claim_and_requeue(backend, runtime, trial_storage_id(trial), "a concurrent retry of the lease request won")
+        return lease(backend, body, principal)
+    except BaseException:
+        # Give the trial back now; if even that fails (the database is away), the orphan reaper does it.
+        with contextlib.suppress(Exception):
+            _claim_and_requeue(backend, runtime, trial_storage_id(trial), "the lease could not be written")
         raise
     log.info("trial %s (study %s #%s) leased to %s: %s", trial_storage_id(trial), runtime.name, trial.number,
              body.worker_id, trial.params)
@@ -228,6 +233,7 @@ def report(backend: Backend, trial_id: int, token: str | None, body: ReportIn) -
         if prune:
             log.info("trial %s pruned at %s%% (value %.4g)", trial_id, body.step, body.value)
     if prune:
+        backend.on_trial_finished("pruned")  # once: a retry or a later report returned above, unchanged
         maybe_complete(backend, runtime)
     return prune
 
@@ -250,6 +256,7 @@ def complete(backend: Backend, trial_id: int, token: str | None, body: CompleteI
         record.state, record.finished_at = "complete", utcnow()
         backend.reports_handled.pop(trial_id, None)
         log.info("trial %s complete: %s", trial_id, values)
+    backend.on_trial_finished("complete")  # a repeat returned above, unchanged
     maybe_complete(backend, runtime)
     return get_trial(backend, trial_id)
 
@@ -272,26 +279,38 @@ def _reason(record: Lease) -> str:
 def fail(backend: Backend, trial_id: int, token: str | None, body: FailIn) -> TrialOut:
     """Tell Optuna the trial failed; re-queue its parameters when retryable and attempts are left."""
     with _locked_lease(backend, trial_id, token) as (session, record, runtime):
-        if record.state == "active":
+        failed_now = record.state == "active"
+        if failed_now:
             _fail_and_maybe_requeue(backend, session, record, runtime, body.reason, body.retryable, "failed")
+    if failed_now:
+        backend.on_trial_finished("fail")
     maybe_complete(backend, runtime)
     return get_trial(backend, trial_id)
 
 
 def _fail_and_maybe_requeue(backend: Backend, session: Session, record: Lease, runtime: StudyRuntime,
                             reason: str, retryable: bool, new_state: str) -> None:
+    """Fail the lease's trial and, when retryable with attempts left, enqueue its parameters again.
+
+    Safe to repeat after a fault at any point: the retry is enqueued *before* the trial is told FAIL, so
+    no moment shows a failed trial without its retry (a study could be completed in between), and a trial
+    that already has a retry gets no second one. A trial Optuna already holds as COMPLETE or PRUNED (told
+    before a fault lost our row) keeps its result."""
     t = backend.storage.get_trial(record.trial_id)
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        record.state, record.finished_at = t.state.name.lower(), record.finished_at or utcnow()
+        return
     study = session.get(StudyRow, record.study_id)
     attempts_left = record.attempt < runtime.spec.search.max_retries
     requeue = retryable and attempts_left and study is not None and study.state in ("running", "paused")
-    if not t.state.is_finished():
-        backend.storage.set_trial_user_attr(record.trial_id, "fail_reason", reason)
-        runtime.study.tell(t.number, state=TrialState.FAIL)
-    if requeue:
+    if requeue and record.trial_id not in retried_trial_ids(runtime.study.get_trials(deepcopy=False)):
         attrs: dict[str, Any] = {"attempt": record.attempt + 1, "retry_of": record.trial_id}
         if t.user_attrs.get("is_baseline"):
             attrs["is_baseline"] = True
         runtime.study.enqueue_trial(t.params, user_attrs=attrs)
+    if not t.state.is_finished():
+        backend.storage.set_trial_user_attr(record.trial_id, "fail_reason", reason)
+        runtime.study.tell(t.number, state=TrialState.FAIL)
     record.state, record.finished_at, record.fail_reason, record.requeued = new_state, utcnow(), reason, requeue
     backend.reports_handled.pop(record.trial_id, None)
     if requeue:
@@ -342,18 +361,31 @@ def reap_orphans(backend: Backend) -> int:
             runtime = backend.runtime(study_id)
         except NotFound:
             continue
-        with backend.trial_lock(trial_id):
-            t = backend.storage.reload_trial(trial_id)
-            with backend.session() as session:
-                if t.state != TrialState.RUNNING or session.get(Lease, trial_id) is not None:
-                    continue  # finished or leased meanwhile
-                attrs = t.user_attrs
-                record = Lease(trial_id=trial_id, study_id=study_id, worker_id="", attempt=int(attrs.get("attempt", 0)),
-                               retry_of=attrs.get("retry_of"), state="active", deadline=utcnow())
-                session.add(record)  # not flushed before Optuna's calls (the ordering rule above)
-                _fail_and_maybe_requeue(backend, session, record, runtime,
-                                        "never leased: the server stopped between ask and writing the lease",
-                                        True, "expired")
-                reaped += 1
-        maybe_complete(backend, runtime)
+        reaped += _claim_and_requeue(backend, runtime, trial_id,
+                                     "never leased: the server stopped between ask and writing the lease")
     return reaped
+
+
+def _claim_and_requeue(backend: Backend, runtime: StudyRuntime, trial_id: int, reason: str) -> bool:
+    """Fail a RUNNING trial that has no lease row and re-queue its parameters, so the budget stays exact;
+    False when the trial was not running or a lease row was written for it first.
+
+    The claim is a lease row of our own, committed before any Optuna call: a worker's lease and this claim
+    cannot both win, whatever the timing. If the server stops after the claim, the claim's lease has
+    already expired, and the expiry reaper finishes the job."""
+    t = backend.storage.reload_trial(trial_id)
+    if t.state != TrialState.RUNNING:
+        return False
+    attrs = t.user_attrs
+    try:
+        with backend.session() as session:
+            session.add(Lease(trial_id=trial_id, study_id=runtime.id, worker_id="",
+                              attempt=int(attrs.get("attempt", 0)), retry_of=attrs.get("retry_of"), state="active",
+                              deadline=utcnow()))
+    except IntegrityError:
+        return False  # leased meanwhile: the trial is a worker's
+    with _locked_lease(backend, trial_id, None, holder_only=False) as (session, record, _):
+        if record.state == "active":
+            _fail_and_maybe_requeue(backend, session, record, runtime, reason, True, "expired")
+    maybe_complete(backend, runtime)
+    return True

@@ -2,21 +2,127 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = [
-    "ArtifactOut", "CompleteIn", "FailIn", "HeartbeatIn", "HeartbeatOut", "LeaseIn", "LeaseOut", "Page",
-    "ReportIn", "ReportOut", "StudyOut", "TokenIn", "TokenOut", "TrialOut",
+    "ArtifactOut", "CompleteIn", "FailIn", "HeartbeatIn", "HeartbeatOut", "LeaseIn", "LeaseOut", "Page", "Problem",
+    "ReportIn", "ReportOut", "StudyOut", "TokenIn", "TokenOut", "TrialOut", "printable", "storable_problems",
+    "storable_text", "text_problem",
 ]
 
 T = TypeVar("T")
 
+# ---- values the database can store ------------------------------------------------------------------------
+# Python's json (hence FastAPI) reads NaN, Infinity, -Infinity (and 1e309 as inf) and lone surrogates
+# ("\ud800"); PostgreSQL stores neither NUL nor a lone surrogate in text or JSON, and JSON has no NaN. One
+# walk over a whole request body refuses them all (422 naming each path) before anything is written.
+
+MAX_PROBLEMS = 20  # a body full of bad values gets this many entries, not one per value
+FAIL_INSTEAD = "fail the trial instead (POST /trials/{id}/fail with the reason)"
+
+
+class Problem(NamedTuple):
+    """One value the database cannot store: where (the path of keys and indexes), what, and the fix."""
+
+    loc: tuple[str | int, ...]
+    type: str
+    msg: str
+    input: Any  # the value made safe to send back as JSON
+
+    def entry(self) -> dict[str, Any]:
+        """As an entry of a 422's `detail`, like pydantic's (loc, msg, type)."""
+        return {"loc": list(self.loc), "msg": self.msg, "type": self.type}
+
+
+def printable(text: str) -> str:
+    """`text` with lone surrogates written as escapes (\\ud800), so it can be encoded and sent back."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def text_problem(text: str) -> tuple[str, str] | None:
+    """(error type, message) when `text` holds a NUL or a lone surrogate; None when it is storable."""
+    if "\x00" in text:
+        return "nul_character", "contains a NUL character (\\u0000), which the database cannot store: remove it"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            code = ord(text[exc.start])
+            return "lone_surrogate", (f"contains a lone surrogate (\\u{code:04x}), which is not Unicode text: send "
+                                      "valid UTF-8 (a surrogate escape needs its pair, as in \\ud83d\\ude00)")
+    return None
+
+
+def _not_finite(value: float) -> str:
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def storable_problems(data: Any, loc: tuple[str | int, ...] = (),
+                      labels: dict[str, tuple[str, str]] | None = None) -> list[Problem]:
+    """Every string (dictionary keys too) holding a NUL or a lone surrogate and every NaN, Infinity or
+    -Infinity in a parsed JSON value, in document order (at most MAX_PROBLEMS). `labels` names the top-level
+    fields whose non-finite numbers need another fix: {field: (what it is, the fix)}."""
+    problems: list[Problem] = []
+    stack: list[tuple[tuple[str | int, ...], Any]] = [(loc, data)]  # no recursion: bodies may nest deep
+    while stack and len(problems) < MAX_PROBLEMS:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            problem = text_problem(value)
+            if problem:
+                problems.append(Problem(where, *problem, printable(value)))
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                token = _not_finite(value)
+                label = (labels or {}).get(str(where[len(loc)])) if len(where) > len(loc) else None
+                msg = (f"{label[0]} {token} is not finite: {label[1]}" if label else
+                       f"{token} is not a finite number, which JSON cannot carry: send a finite number "
+                       "(1e309 and beyond read as Infinity) or leave the value out")
+                problems.append(Problem(where, "finite_number", msg, token))
+        elif isinstance(value, dict):
+            items = []
+            for key, item in value.items():
+                key_loc = where + (printable(key) if isinstance(key, str) else key,)
+                problem = text_problem(key) if isinstance(key, str) else None
+                if problem:
+                    problems.append(Problem(key_loc, problem[0], f"key {problem[1]}", printable(key)))
+                items.append((key_loc, item))
+            stack.extend(reversed(items))
+        elif isinstance(value, (list, tuple)):
+            stack.extend(reversed([(where + (i,), item) for i, item in enumerate(value)]))
+    return problems[:MAX_PROBLEMS]
+
+
+def storable_text(value: str | None) -> str | None:
+    """A pydantic validator of a text field outside a body (e.g. a query parameter): no NUL, no lone
+    surrogate. `Annotated[str | None, Query(...), AfterValidator(storable_text)]`."""
+    problem = text_problem(value) if value is not None else None
+    if problem:
+        raise PydanticCustomError(*problem)
+    return value
+
 
 class _In(BaseModel):
+    """A request body. Before any field is read, the whole body is refused (422, one entry per path) if a
+    string holds a NUL or a lone surrogate, or a number is NaN or infinite: nothing is written then."""
+
     model_config = ConfigDict(extra="forbid")
+    # Top-level fields whose non-finite numbers need another fix than "send a finite number".
+    not_finite_labels: ClassVar[dict[str, tuple[str, str]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        problems = storable_problems(data, labels=cls.not_finite_labels)
+        if problems:
+            errors = [InitErrorDetails(type=PydanticCustomError(p.type, p.msg), loc=p.loc, input=p.input)
+                      for p in problems]
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return data
 
 
 class Page(BaseModel, Generic[T]):
@@ -70,7 +176,7 @@ class LeaseIn(_In):
     # Idempotency key of this request, unique per worker; a retry sends the same one. Printable ASCII.
     request_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[!-~]+$")
     device: dict[str, Any] = Field(default_factory=dict)
-    hostname: str = ""
+    hostname: str = Field("", max_length=200)
 
 
 class LeaseOut(BaseModel):
@@ -90,7 +196,7 @@ class LeaseOut(BaseModel):
 
 
 class HeartbeatIn(_In):
-    worker_id: str = ""
+    worker_id: str = Field("", max_length=200)
 
 
 class HeartbeatOut(BaseModel):
@@ -100,6 +206,8 @@ class HeartbeatOut(BaseModel):
 
 
 class ReportIn(_In):
+    not_finite_labels = {"value": ("report value", FAIL_INSTEAD)}
+
     step: int = Field(ge=1, le=100, description="percent of the training budget")
     value: float
     metrics: dict[str, float] = Field(default_factory=dict)
@@ -110,6 +218,8 @@ class ReportOut(BaseModel):
 
 
 class CompleteIn(_In):
+    not_finite_labels = {"value": ("objective value", FAIL_INSTEAD), "values": ("objective value", FAIL_INSTEAD)}
+
     value: float | None = None
     values: list[float] | None = None
     validation_metrics: dict[str, Any] = Field(default_factory=dict)

@@ -213,7 +213,7 @@ class SearchSpec(_Strict):
     n_warmup_steps: int = Field(0, ge=0, description="median pruner: no pruning before this percent")
     multivariate: bool = True
     constant_liar: bool = True
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="the sampler's seed (numpy's range)")
     max_retries: int = Field(2, ge=0, description="re-queues of a trial whose lease expired")
     sampler_options: dict[str, Any] = Field(default_factory=dict)
     pruner_options: dict[str, Any] = Field(default_factory=dict)
@@ -249,7 +249,7 @@ class StudySpec(_Strict):
     )
     search: SearchSpec = Field(default_factory=SearchSpec)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="the training seed of every trial")
 
     @property
     def objectives(self) -> list[ObjectiveSpec]:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from tunefleet.service.backend import Backend, StudyRuntime
 from tunefleet.service.errors import Conflict, InvalidInput, NotFound
-from tunefleet.service.schemas import StudyOut, TrialOut
+from tunefleet.service.schemas import StudyOut, TrialOut, storable_problems
 from tunefleet.service.search import build_pruner, build_sampler, search_problems
 from tunefleet.service.spec import SpecError, StudySpec, validate_spec
 from tunefleet.service.storage import study_storage_id, trial_storage_id
@@ -61,9 +61,9 @@ class Usage:
 def usage(session: Session, runtime: StudyRuntime, trials: list[FrozenTrial] | None = None) -> Usage:
     trials = trials if trials is not None else runtime.study.get_trials(deepcopy=False)
     n = Counter(t.state for t in trials)
-    requeued = session.scalar(
-        sa.select(sa.func.count()).select_from(Lease).where(Lease.study_id == runtime.id, Lease.requeued)
-    ) or 0
+    # Counted from Optuna's rows alone (each retry names the trial it replaces), so the budget stays exact
+    # even when a fault lost our own row of a re-queue after Optuna's rows were written.
+    requeued = len(retried_trial_ids(trials))
     used = n[TrialState.RUNNING] + n[TrialState.COMPLETE] + n[TrialState.PRUNED] + n[TrialState.FAIL] - requeued
     # Re-queued trials wait in Optuna's queue and are handed out even when the budget is reached.
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING and "retry_of" in t.user_attrs)
@@ -72,8 +72,20 @@ def usage(session: Session, runtime: StudyRuntime, trials: list[FrozenTrial] | N
     return Usage(used=used, running=n[TrialState.RUNNING], waiting=waiting, gpu_hours=hours)
 
 
+def retried_trial_ids(trials: list[FrozenTrial]) -> set[int]:
+    """Ids of the trials whose parameters were re-queued: the `retry_of` of every retry."""
+    return {int(t.user_attrs["retry_of"]) for t in trials if "retry_of" in t.user_attrs}
+
+
 def create_study(backend: Backend, data: Any) -> StudyOut:
     """Validate and store a study, enqueue its baseline; raises InvalidInput (422) or Conflict (409)."""
+    # First what no table can store (NUL, lone surrogates, NaN/Infinity), anywhere in the spec: the spec is
+    # stored as submitted, and the other checks would quote such values back.
+    unstorable = storable_problems(data)
+    if unstorable:
+        first = unstorable[0]
+        raise InvalidInput(f"invalid study spec: {'.'.join(map(str, first.loc))}: {first.msg}",
+                           [p.entry() for p in unstorable])
     try:
         spec = validate_spec(data)
     except SpecError as exc:

@@ -61,7 +61,11 @@ def run_worker_fleet(url: str, token: str | None, indices: list[int], options: M
         elif value is not None:
             flags += [flag, str(value)]
     # The token travels in the environment, not argv, so `ps` does not show it.
-    env = {**os.environ, "TUNEFLEET_SERVER": url, **({"TUNEFLEET_TOKEN": token} if token else {})}
+    # A token read from --token-file travels resolved, so the children use exactly the parent's token.
+    env = {**os.environ, "TUNEFLEET_SERVER": url}
+    if token:
+        env["TUNEFLEET_TOKEN"] = token
+        env.pop("TUNEFLEET_TOKEN_FILE", None)
     # Own sessions: a terminal's Ctrl-C reaches only this parent, which forwards it once; two signals
     # would make a child quit at once instead of re-queueing its trial.
     children = [subprocess.Popen([sys.executable, "-m", "tunefleet", "worker", "--device", f"cuda:{i}", *flags],

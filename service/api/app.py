@@ -1,27 +1,38 @@
-"""The FastAPI application, its lifespan (backend, reaper thread) and `run_server` for the CLI."""
+"""The FastAPI application, its lifespan (backend, reaper thread), the server's logging and `run_server` for
+the CLI."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
+import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tunefleet import __version__
 from tunefleet.service.api import metrics, studies, tokens, trials
+from tunefleet.service.auth import authenticate
 from tunefleet.service.backend import Backend
 from tunefleet.service.config import Settings, get_settings, is_loopback
 from tunefleet.service.db import check_database
 from tunefleet.service.errors import DatabaseNotReady, TunefleetError
 
-__all__ = ["BackgroundServer", "app_from_environment", "create_app", "run_server"]
+__all__ = ["BackgroundServer", "JsonFormatter", "TextFormatter", "app_from_environment", "configure_logging",
+           "create_app", "request_context", "run_server"]
 
 log = logging.getLogger("tunefleet.server")
 
@@ -43,6 +54,7 @@ class Reaper(threading.Thread):
                 n = reap_expired(self.backend) + reap_orphans(self.backend)
                 if n:
                     metrics.REAPED.inc(n)
+                    metrics.FINISHED.labels(state="expired").inc(n)
             except Exception:  # the reaper must outlive a database blip
                 log.exception("reaper pass failed; retrying in %ss", self.backend.settings.reaper_interval_seconds)
 
@@ -66,12 +78,163 @@ class _Timing:
             metrics.LATENCY.labels(scope["method"], route).observe(time.perf_counter() - start)
 
 
+# ---- request context and logging -------------------------------------------------------------------------
+
+# An incoming X-Request-ID is kept when it looks like one (no spaces or control characters), else replaced.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+_CONTEXT_KEYS = ("request_id", "study_id", "trial_id", "worker_id")
+
+
+@dataclass(frozen=True)
+class _Request:
+    request_id: str
+    scope: Scope  # the router adds the path parameters to it once it has matched the route
+
+
+_CURRENT_REQUEST: ContextVar[_Request | None] = ContextVar("tunefleet_request", default=None)
+
+
+def request_context() -> dict[str, Any]:
+    """What is known about the request being served in this context: its request id, and the study id and
+    trial id of its path (`/studies/{study_id}`, `/trials/{trial_id}`). Empty outside a request (the reaper)."""
+    current = _CURRENT_REQUEST.get()
+    if current is None:
+        return {}
+    fields: dict[str, Any] = {"request_id": current.request_id}
+    params = current.scope.get("path_params") or {}
+    for key in ("study_id", "trial_id"):
+        value = params.get(key)
+        if value is not None:
+            fields[key] = int(value) if str(value).isdigit() else value
+    return fields
+
+
+class _RequestContext:
+    """Gives each HTTP request an id (the caller's `X-Request-ID` when it sends a sane one, else a new one),
+    returns it in the response's `X-Request-ID` header and makes it, with the path's study and trial ids,
+    known to every log line written while the request is served (`request_context`)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
+        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        # Not reset afterwards: the server runs each request in its own task (a copy of the context), and
+        # uvicorn's access line and its "Exception in ASGI application" line come after this call returns.
+        _CURRENT_REQUEST.set(_Request(request_id, scope))
+        header = (b"x-request-id", request_id.encode("latin-1"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def _log_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The request's context, then ids a log call passed itself (`extra={"worker_id": ...}`)."""
+    fields = request_context()
+    for key in _CONTEXT_KEYS:
+        value = getattr(record, key, None)
+        if value is not None:
+            fields[key] = value
+    return fields
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+
+
+class TextFormatter(logging.Formatter):
+    """`2025-01-31T12:00:00.123Z INFO tunefleet.service.studies: study 3 (x) created: ... [request_id=...]`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        fields = _log_fields(record)
+        if fields:
+            line += " [" + " ".join(f"{key}={value}" for key, value in fields.items()) + "]"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, then request_id, study_id, trial_id and
+    worker_id when known, and exception (the traceback) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {"time": _timestamp(record), "level": record.levelname, "logger": record.name,
+                                 "message": record.getMessage(), **_log_fields(record)}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes each line to whatever `sys.stderr` is at that moment, in one write."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+_LEVELS = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO,
+           "debug": logging.DEBUG, "trace": 5}  # uvicorn's TRACE
+
+
+def configure_logging(settings: Settings) -> None:
+    """Log lines of a server process on stderr in `settings.log_format`: tunefleet's own (loggers
+    `tunefleet.*`) at `settings.log_level`, uvicorn's (uvicorn sets their level; run it with
+    `log_config=None` so they reach this handler), Optuna's, and other libraries' warnings. Idempotent."""
+    import optuna
+
+    level = _LEVELS[settings.log_level]
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(old)
+    handler = _StderrHandler()
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
+    root.addHandler(handler)
+    root.setLevel(max(level, logging.WARNING))  # other libraries: warnings and errors only
+    logging.getLogger("tunefleet").setLevel(level)
+    optuna.logging.disable_default_handler()  # Optuna's own stderr handler has its own format
+    optuna.logging.enable_propagation()
+    if settings.log_format == "json":
+        logging.captureWarnings(True)  # Python warnings as log lines too: every line is JSON
+
+
+# ---- the application -------------------------------------------------------------------------------------
+
+
+def _require_token(backend: Backend, header: str | None) -> None:
+    """AuthError (401) unless `header` carries a valid token, of any role."""
+    if backend.principals.get(header) is None:
+        with backend.session() as session:
+            principal = authenticate(session, header)
+        backend.principals.put(header, principal)
+
+
 def create_app(settings: Settings | None = None, *, auth_enabled: bool | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backend = Backend(settings)
+        backend.on_trial_finished = metrics.trial_finished
         app.state.backend = backend
         reaper = Reaper(backend)
         reaper.start()
@@ -85,6 +248,8 @@ def create_app(settings: Settings | None = None, *, auth_enabled: bool | None = 
     app = FastAPI(title="tunefleet", version=__version__, lifespan=lifespan,
                   description="Hyperparameter optimisation for fine-tuning language models. See docs/api.md.")
     app.state.auth_enabled = settings.auth_enabled() if auth_enabled is None else auth_enabled
+    # /metrics: a token of any role when TUNEFLEET_METRICS_AUTH says so, else whenever auth is on.
+    app.state.metrics_auth = app.state.auth_enabled if settings.metrics_auth is None else settings.metrics_auth
     for router in (studies.router, trials.router, tokens.router):
         app.include_router(router)
 
@@ -94,6 +259,7 @@ def create_app(settings: Settings | None = None, *, auth_enabled: bool | None = 
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
 
     app.add_middleware(_Timing)
+    app.add_middleware(_RequestContext)  # added last: the outer one, so the timing and every log line see it
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
@@ -108,7 +274,15 @@ def create_app(settings: Settings | None = None, *, auth_enabled: bool | None = 
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", tags=["health"])
-    def prometheus() -> Response:
+    def prometheus(request: Request) -> Response:
+        backend: Backend = request.app.state.backend
+        if request.app.state.metrics_auth:
+            _require_token(backend, request.headers.get("authorization"))
+        try:
+            metrics.ACTIVE_LEASES.set(backend.active_leases())
+        except DatabaseNotReady as exc:
+            metrics.ACTIVE_LEASES.set(float("nan"))  # unknown, rather than a stale count
+            log.warning("/metrics: active leases unknown: %s", exc.message)
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -116,7 +290,9 @@ def create_app(settings: Settings | None = None, *, auth_enabled: bool | None = 
 
 def app_from_environment() -> FastAPI:
     """The app of one server process when `run_server` starts several (uvicorn imports it by name)."""
-    return create_app(get_settings())
+    settings = get_settings()
+    configure_logging(settings)  # a new process: its log lines need the same handler as the first one's
+    return create_app(settings)
 
 
 def run_server(host: str | None = None, port: int | None = None, migrate: bool = False,
@@ -125,6 +301,7 @@ def run_server(host: str | None = None, port: int | None = None, migrate: bool =
     import uvicorn
 
     settings = get_settings()
+    configure_logging(settings)
     host, port = host or settings.host, port or settings.port
     processes = processes or settings.server_processes
     auth = settings.auth_enabled(host)
@@ -153,13 +330,15 @@ def run_server(host: str | None = None, port: int | None = None, migrate: bool =
     log.info("tunefleet %s on http://%s:%s (database %s, auth %s, %s process%s)", __version__, host, port,
              _safe_url(settings.resolved_database_url), "on" if auth else "off (loopback only)", processes,
              "es" if processes > 1 else "")
+    # log_config=None: uvicorn's loggers get no handlers of their own and write through `configure_logging`'s.
     if processes == 1:
-        uvicorn.run(create_app(settings, auth_enabled=auth), host=host, port=port, log_level=settings.log_level)
+        uvicorn.run(create_app(settings, auth_enabled=auth), host=host, port=port, log_level=settings.log_level,
+                    log_config=None)
         return 0
     # Each process builds its app from the environment: pass on the decisions made here.
     os.environ.update(TUNEFLEET_AUTH=str(auth).lower(), TUNEFLEET_HOST=host, TUNEFLEET_PORT=str(port))
     uvicorn.run("tunefleet.service.api.app:app_from_environment", factory=True, workers=processes, host=host, port=port,
-                log_level=settings.log_level)
+                log_level=settings.log_level, log_config=None)
     return 0
 
 

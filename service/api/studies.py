@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Response, status
+from pydantic import AfterValidator
 
 from tunefleet.service import studies
 from tunefleet.service.api.deps import BackendDep, Reader, UserOrAdmin
 from tunefleet.service.errors import NotFound
-from tunefleet.service.schemas import Page, StudyOut, TrialOut
+from tunefleet.service.schemas import Page, StudyOut, TrialOut, storable_text
 
 router = APIRouter(prefix="/api/v1/studies", tags=["studies"])
+
+# Paging bounds: past PostgreSQL's integer no table has rows (and past its bigint an OFFSET is a 500).
+MAX_OFFSET = 2**31 - 1
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="items to skip")]
+NameFilter = Annotated[str | None, Query(max_length=200, description="studies whose name contains this"),
+                       AfterValidator(storable_text)]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=StudyOut)
@@ -21,8 +28,8 @@ def create_study(backend: BackendDep, _: UserOrAdmin, spec: dict[str, Any] = Bod
 
 
 @router.get("", response_model=Page[StudyOut])
-def list_studies(backend: BackendDep, _: Reader, state: str | None = None, name: str | None = None,
-                 limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> Page[StudyOut]:
+def list_studies(backend: BackendDep, _: Reader, state: str | None = None, name: NameFilter = None,
+                 limit: int = Query(50, ge=1, le=500), offset: Offset = 0) -> Page[StudyOut]:
     items, total = studies.list_studies(backend, state, name, limit, offset)
     return Page(items=items, total=total, limit=limit, offset=offset)
 
@@ -47,7 +54,7 @@ def delete_study(backend: BackendDep, _: UserOrAdmin, study_id: int) -> Response
 
 @router.get("/{study_id}/trials", response_model=Page[TrialOut])
 def list_trials(backend: BackendDep, _: Reader, study_id: int, state: str | None = None,
-                limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> Page[TrialOut]:
+                limit: int = Query(100, ge=1, le=1000), offset: Offset = 0) -> Page[TrialOut]:
     items, total = studies.list_trials(backend, study_id, state, limit, offset)
     return Page(items=items, total=total, limit=limit, offset=offset)
 

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from tunefleet.service import leases, studies
 from tunefleet.service.api import metrics
 from tunefleet.service.api.deps import BackendDep, LeaseToken, Reader, WorkerOrAdmin
-from tunefleet.service.artifacts import artifact_path, clean_name, list_artifacts, record_artifact
+from tunefleet.service.artifacts import artifact_path, check_name_free, clean_name, list_artifacts, record_artifact
 from tunefleet.service.errors import InvalidInput
 from tunefleet.service.schemas import (
     ArtifactOut,
@@ -61,16 +61,12 @@ def report(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: ReportIn,
 @router.post("/trials/{trial_id}/complete", response_model=TrialOut)
 def complete(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: CompleteIn, token: LeaseToken = None
              ) -> TrialOut:
-    trial = leases.complete(backend, trial_id, token, body)
-    metrics.FINISHED.labels(state="complete").inc()
-    return trial
+    return leases.complete(backend, trial_id, token, body)
 
 
 @router.post("/trials/{trial_id}/fail", response_model=TrialOut)
 def fail(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: FailIn, token: LeaseToken = None) -> TrialOut:
-    trial = leases.fail(backend, trial_id, token, body)
-    metrics.FINISHED.labels(state="fail").inc()
-    return trial
+    return leases.fail(backend, trial_id, token, body)
 
 
 @router.put("/trials/{trial_id}/artifacts/{name:path}", response_model=ArtifactOut)
@@ -79,6 +75,7 @@ async def put_artifact(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, nam
     """Upload one file (streamed to disk, then renamed into place); the same name again replaces it."""
     clean_name(name)
     await run_in_threadpool(leases.require_holder, backend, trial_id, token)  # before reading the body
+    await run_in_threadpool(check_name_free, backend, trial_id, name)  # 409 on a file/folder clash, too
     limit = backend.settings.max_artifact_mb * 2**20
     fd, tmp = backend.artifacts.incoming()
     digest, size = hashlib.sha256(), 0

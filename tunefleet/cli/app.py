@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -19,7 +20,7 @@ from tunefleet.cli.render import err_console
 from tunefleet.service.client import ApiError, Client
 
 __all__ = ["CliError", "ServerOption", "TokenOption", "app", "client_for", "command", "connection", "db_app",
-           "settings", "study_app", "token_app", "trial_app"]
+           "read_token_file", "settings", "study_app", "token_app", "trial_app", "warn"]
 
 app = typer.Typer(name="tunefleet", no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hyperparameter optimisation service for fine-tuning language models.")
@@ -58,6 +59,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 def _fail(message: str) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(1)
+
+
+def warn(message: str) -> None:
+    """One yellow line on stderr; the command goes on."""
+    err_console.print(f"[bold yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def friendly_errors(func: F) -> F:
@@ -132,6 +138,26 @@ def connection(ctx: typer.Context, server: str | None = None, token: str | None 
         except ImportError:
             pass
     return server or "http://127.0.0.1:8000", token
+
+
+def read_token_file(path: Path) -> str:
+    """The token in `path`, surrounding whitespace stripped; CliError when it is missing, unreadable or empty."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise CliError(f"--token-file {path}: no such file") from None
+    except IsADirectoryError:
+        raise CliError(f"--token-file {path}: is a folder, not a file") from None
+    except PermissionError:
+        raise CliError(f"--token-file {path}: permission denied (this user cannot read it)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"--token-file {path}: cannot read it ({exc})") from None
+    if not token:
+        raise CliError(f"--token-file {path} is empty: write the token into it (`tunefleet token create` "
+                       "prints one)")
+    if any(c.isspace() for c in token):
+        raise CliError(f"--token-file {path} holds more than one word: it must hold only the token")
+    return token
 
 
 def client_for(ctx: typer.Context) -> Client:

@@ -7,15 +7,26 @@ from typing import Annotated
 
 import typer
 
-from tunefleet.cli.app import CliError, ServerOption, TokenOption, command, connection
+from tunefleet.cli.app import CliError, ServerOption, command, connection, read_token_file, warn
 from tunefleet.cli.app import app as root_app
+
+TOKEN_IN_ARGV_WARNING = (
+    "--token on the command line is visible to every user of this machine in the process list (ps); "
+    "set TUNEFLEET_TOKEN or use --token-file instead")
 
 
 @command(root_app)
 def worker(
     ctx: typer.Context,
     server: ServerOption = None,
-    token: TokenOption = None,
+    token: Annotated[str | None, typer.Option(
+        "--token", envvar="TUNEFLEET_TOKEN", show_default=False,
+        help="Bearer token (needed when the server has auth on). On the command line it shows in the process "
+             "list (ps), with a warning: prefer TUNEFLEET_TOKEN or --token-file.")] = None,
+    token_file: Annotated[Path | None, typer.Option(
+        "--token-file", envvar="TUNEFLEET_TOKEN_FILE", show_default=False,
+        help="Read the bearer token from this file (surrounding whitespace stripped), so it stays out of the "
+             "process list. Wins over TUNEFLEET_TOKEN; with --token too it is an error.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda:N (default: cuda:0 when a GPU is visible)")] = None,
     gpus: Annotated[str | None, typer.Option(help="'all' or '0,2': one worker process per GPU.")] = None,
     max_trials: Annotated[int | None, typer.Option(help="Stop after this many trials.")] = None,
@@ -32,6 +43,13 @@ def worker(
     from tunefleet.fleet import run_worker, run_worker_fleet
     from tunefleet.workers.loop import visible_gpus
 
+    from_argv = _token_from_argv(ctx)
+    if token_file is not None:
+        if from_argv:
+            raise CliError("give the token once: --token or --token-file, not both")
+        token = read_token_file(token_file)
+    elif from_argv:
+        warn(TOKEN_IN_ARGV_WARNING)
     url, token = connection(ctx, server, token)
     if gpus is not None:
         indices = visible_gpus() if gpus == "all" else [int(g) for g in gpus.split(",") if g.strip()]
@@ -43,6 +61,13 @@ def worker(
     device = device or ("cuda:0" if visible_gpus() else "cpu")
     run_worker(url, token, device=device, worker_id=worker_id, max_trials=max_trials, once=once,
                     simulated=simulated, workdir=workdir, idle_sleep=idle_sleep, log_level=log_level)
+
+
+def _token_from_argv(ctx: typer.Context) -> bool:
+    """Whether `--token` was typed on the command line (the worker's own option or the global one), where
+    `ps` shows it, rather than taken from TUNEFLEET_TOKEN."""
+    sources = (context.get_parameter_source("token") for context in (ctx, ctx.find_root()))
+    return any(source is not None and source.name == "COMMANDLINE" for source in sources)
 
 
 @command(root_app)
