@@ -138,6 +138,7 @@ def record_artifact(backend: Backend, trial_id: int, token: str | None, name: st
         clash = _clash(session, trial_id, name, path)
         if clash:
             raise Conflict(clash)
+        _check_trial_total(backend, session, trial_id, name, size)
         row = session.scalar(sa.select(Artifact).where(Artifact.trial_id == trial_id, Artifact.name == name))
         if row is None:
             row = Artifact(trial_id=trial_id, study_id=lease.study_id, name=name, path=str(path), size=size,
@@ -149,6 +150,18 @@ def record_artifact(backend: Backend, trial_id: int, token: str | None, name: st
         path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, path)
         return ArtifactOut(name=row.name, size=row.size, sha256=row.sha256, created_at=row.created_at)
+
+
+def _check_trial_total(backend: Backend, session: Session, trial_id: int, name: str, size: int) -> None:
+    """InvalidInput when the trial's artifacts, with this one (replacing one of the same name), would pass
+    TUNEFLEET_MAX_TRIAL_ARTIFACT_MB."""
+    others = session.scalar(sa.select(sa.func.coalesce(sa.func.sum(Artifact.size), 0)).where(
+        Artifact.trial_id == trial_id, Artifact.name != name)) or 0
+    limit_mb = backend.settings.max_trial_artifact_mb
+    if others + size > limit_mb * 2**20:
+        raise InvalidInput(f"artifact {name!r} would bring trial {trial_id}'s artifacts to "
+                           f"{(others + size) / 2**20:.1f} MB, over {limit_mb} MB: upload less or raise "
+                           "TUNEFLEET_MAX_TRIAL_ARTIFACT_MB")
 
 
 def list_artifacts(backend: Backend, trial_id: int) -> list[ArtifactOut]:

@@ -53,7 +53,7 @@ def issue_token(session: Session, name: str, role: str) -> tuple[Token, str]:
 
 def create_token(settings: Settings, name: str, role: str) -> str:
     """Create a token directly in the database (used by `tunefleet token create`); returns the secret."""
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url, settings)
     try:
         from tunefleet.service.db import check_database
 

@@ -89,10 +89,10 @@ class Backend:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.url = settings.resolved_database_url
-        self.engine = make_engine(self.url)
+        self.engine = make_engine(self.url, settings)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
         self.is_postgres = self.engine.dialect.name == "postgresql"
-        self.rdb = optuna.storages.RDBStorage(self.url, engine_kwargs=engine_kwargs(self.url),
+        self.rdb = optuna.storages.RDBStorage(self.url, engine_kwargs=engine_kwargs(self.url, settings),
                                               skip_table_creation=True, skip_compatibility_check=True)
         self.storage = ServerStorage(self.rdb, refresh_seconds=settings.trial_cache_seconds)
         self.artifacts = ArtifactStore(settings.resolved_artifact_dir)

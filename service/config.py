@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = ["Settings", "get_settings", "is_loopback", "normalise_database_url"]
 
 DEFAULT_HOME = Path(".tunefleet")
+# Engines of one server process: tunefleet's own (sessions) and Optuna's RDBStorage.
+ENGINES_PER_PROCESS = 2
 
 
 class Settings(BaseSettings):
@@ -45,7 +47,23 @@ class Settings(BaseSettings):
         "server replica (or a script) writes to the same studies; 0 re-reads them on every call"
     )
     artifact_dir: Path | None = Field(None, description="artifact store folder; unset means <home>/artifacts")
-    max_artifact_mb: int = Field(2048, gt=0)
+    max_artifact_mb: int = Field(2048, gt=0, description="largest artifact file accepted")
+    max_trial_artifact_mb: int = Field(20480, gt=0, description="all artifacts of one trial together")
+    max_spec_kb: int = Field(256, gt=0, description="largest study spec accepted (its JSON); each lease carries it")
+    max_search_params: int = Field(100, gt=0, description="most parameters in a search space")
+    max_search_choices: int = Field(
+        10_000, gt=0, description="most categorical choices in a search space, summed over its parameters "
+        "(every ask reads them all)"
+    )
+    db_pool_size: int = Field(
+        5, ge=1, description="database connections each server process keeps open per engine; a process has "
+        "two engines (tunefleet's tables and Optuna's)"
+    )
+    db_max_overflow: int = Field(5, ge=0, description="extra connections per engine under load, closed after use")
+    db_reserved_connections: int = Field(
+        10, ge=0, description="PostgreSQL connections left for everything but the server processes (dashboard, "
+        "migrations, psql), besides PostgreSQL's own superuser reserve; checked at start-up"
+    )
     server_url: str = Field("http://127.0.0.1:8000", description="where the CLI and workers find the server")
     token: str | None = Field(None, description="bearer token the CLI and workers send")
     metrics_auth: bool | None = Field(
@@ -73,6 +91,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return normalise_database_url(self.database_url)
         return f"sqlite:///{(self.home / 'tunefleet.db').resolve()}"
+
+    @property
+    def connections_per_process(self) -> int:
+        """The most database connections one server process opens: two engines, each pool plus overflow."""
+        return ENGINES_PER_PROCESS * (self.db_pool_size + self.db_max_overflow)
 
     @property
     def resolved_artifact_dir(self) -> Path:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "VERSION_TABLE",
+    "check_connection_budget",
     "check_database",
     "engine_kwargs",
     "make_engine",
@@ -41,17 +42,20 @@ VERSION_TABLE = "tf_alembic_version"
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def engine_kwargs(url: str) -> dict:
-    """Pool settings shared by our engine and Optuna's RDBStorage."""
+def engine_kwargs(url: str, settings: Settings | None = None) -> dict:
+    """Pool settings shared by our engine and Optuna's RDBStorage (`settings`' pool sizes, or the defaults)."""
     if url.startswith("sqlite"):
         return {"connect_args": {"check_same_thread": False, "timeout": 60}}
-    return {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20, "pool_recycle": 1800}
+    settings = settings or Settings()
+    # pool_timeout: a request waiting for a connection gives up within seconds, answered 503 (retried).
+    return {"pool_pre_ping": True, "pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow,
+            "pool_recycle": 1800, "pool_timeout": 10}
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, settings: Settings | None = None) -> Engine:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, **engine_kwargs(url))
+    engine = sa.create_engine(url, **engine_kwargs(url, settings))
     if url.startswith("sqlite"):
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -125,19 +129,39 @@ def check_database(engine: Engine) -> None:
         )
 
 
+def check_connection_budget(engine: Engine, settings: Settings, processes: int) -> None:
+    """Raise DatabaseNotReady, with the arithmetic and the fix, when `processes` server processes could open
+    more connections than PostgreSQL allows less the reserves; other databases pass."""
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.connect() as conn:
+        allowed = int(conn.execute(sa.text("SHOW max_connections")).scalar_one())
+        superuser = int(conn.execute(sa.text("SHOW superuser_reserved_connections")).scalar_one())
+    per_process = settings.connections_per_process
+    room = allowed - superuser - settings.db_reserved_connections
+    if processes * per_process > room:
+        raise DatabaseNotReady(
+            f"{processes} server process(es) × {per_process} connections (2 engines × (TUNEFLEET_DB_POOL_SIZE "
+            f"{settings.db_pool_size} + TUNEFLEET_DB_MAX_OVERFLOW {settings.db_max_overflow})) = "
+            f"{processes * per_process} exceeds PostgreSQL's max_connections {allowed} less {superuser} reserved "
+            f"for superusers and TUNEFLEET_DB_RESERVED_CONNECTIONS {settings.db_reserved_connections} = {room}: "
+            "lower the pool sizes or the processes, or raise max_connections")
+
+
 def upgrade_database(settings: Settings) -> str:
     """Create or upgrade our tables and Optuna's; returns the schema revision now in place."""
     import optuna
     from alembic import command
 
     url = settings.resolved_database_url
-    engine = make_engine(url)
+    engine = make_engine(url, settings)
     try:
         with engine.begin() as conn:
             cfg = _alembic_config(url)
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), skip_compatibility_check=True)
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url, settings),
+                                             skip_compatibility_check=True)
         if storage.get_current_version() != storage.get_head_version():
             storage.upgrade()
         storage.remove_session()

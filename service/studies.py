@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import warnings
 from collections import Counter
@@ -19,7 +20,7 @@ from tunefleet.service.backend import Backend, StudyRuntime
 from tunefleet.service.errors import Conflict, InvalidInput, NotFound
 from tunefleet.service.schemas import StudyOut, TrialOut, storable_problems
 from tunefleet.service.search import build_pruner, build_sampler, search_problems
-from tunefleet.service.spec import SpecError, StudySpec, validate_spec
+from tunefleet.service.spec import CategoricalParam, SpecError, StudySpec, validate_spec
 from tunefleet.service.storage import study_storage_id, trial_storage_id
 from tunefleet.service.tables import Lease, RungReport, utcnow
 from tunefleet.service.tables import Study as StudyRow
@@ -72,6 +73,33 @@ def usage(session: Session, runtime: StudyRuntime, trials: list[FrozenTrial] | N
     return Usage(used=used, running=n[TrialState.RUNNING], waiting=waiting, gpu_hours=hours)
 
 
+def _check_spec_size(backend: Backend, data: Any) -> None:
+    """InvalidInput over TUNEFLEET_MAX_SPEC_KB: the spec is kept in memory and sent with every lease."""
+    size = len(json.dumps(data, separators=(",", ":")).encode())
+    limit_kb = backend.settings.max_spec_kb
+    if size > limit_kb * 1024:
+        msg = (f"the spec is {size / 1024:.0f} KB, over the {limit_kb} KB limit: keep data and long texts in "
+               "files the spec names, or raise TUNEFLEET_MAX_SPEC_KB")
+        raise InvalidInput(f"invalid study spec: {msg}", [{"loc": [], "msg": msg, "type": "value_error"}])
+
+
+def _check_search_size(backend: Backend, spec: StudySpec) -> None:
+    """InvalidInput over TUNEFLEET_MAX_SEARCH_PARAMS parameters or TUNEFLEET_MAX_SEARCH_CHOICES categorical
+    choices: every ask reads the whole search space."""
+    settings = backend.settings
+    choices = sum(len(p.choices) for p in spec.search_space.values() if isinstance(p, CategoricalParam))
+    errors = []
+    if len(spec.search_space) > settings.max_search_params:
+        errors.append(f"{len(spec.search_space)} parameters, over the limit of {settings.max_search_params}: "
+                      "fix some in `fixed`, or raise TUNEFLEET_MAX_SEARCH_PARAMS")
+    if choices > settings.max_search_choices:
+        errors.append(f"{choices} categorical choices in all, over the limit of {settings.max_search_choices}: "
+                      "use an int or float range instead of long lists, or raise TUNEFLEET_MAX_SEARCH_CHOICES")
+    if errors:
+        raise InvalidInput(f"invalid study spec: search_space has {errors[0]}",
+                           [{"loc": ["search_space"], "msg": e, "type": "value_error"} for e in errors])
+
+
 def retried_trial_ids(trials: list[FrozenTrial]) -> set[int]:
     """Ids of the trials whose parameters were re-queued: the `retry_of` of every retry."""
     return {int(t.user_attrs["retry_of"]) for t in trials if "retry_of" in t.user_attrs}
@@ -86,10 +114,12 @@ def create_study(backend: Backend, data: Any) -> StudyOut:
         first = unstorable[0]
         raise InvalidInput(f"invalid study spec: {'.'.join(map(str, first.loc))}: {first.msg}",
                            [p.entry() for p in unstorable])
+    _check_spec_size(backend, data)
     try:
         spec = validate_spec(data)
     except SpecError as exc:
         raise InvalidInput(f"invalid study spec: {exc}", exc.errors) from None
+    _check_search_size(backend, spec)
     problems = search_problems(spec)
     if problems:
         errors = [{"loc": list(loc), "msg": msg, "type": "value_error"} for loc, msg in problems]
