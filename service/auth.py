@@ -6,30 +6,44 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Mapping
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from tunefleet.service.config import Settings
 from tunefleet.service.db import make_engine, transaction
-from tunefleet.service.errors import AuthError, Forbidden, InvalidInput, NotFound
-from tunefleet.service.tables import Lease, Token, utcnow
+from tunefleet.service.errors import AuthError, Conflict, Forbidden, InvalidInput, NotFound
+from tunefleet.service.tables import Grant, Lease, Project, Token, utcnow
 
-__all__ = ["LEASE_TOKEN_HEADER", "ROLES", "Principal", "authenticate", "check_lease_token", "create_token",
-           "issue_token", "new_lease_token", "require_role", "revoke_token"]
+__all__ = ["ACCESS", "LEASE_TOKEN_HEADER", "ROLES", "Principal", "add_project", "authenticate", "check_lease_token",
+           "create_project", "create_token", "issue_token", "new_lease_token", "project_id", "require_role",
+           "revoke_token"]
 
 ROLES = ("admin", "user", "worker")
+ACCESS = ("read", "write")
 TOKEN_PREFIX = "tf_"
 
 
 class Principal:
-    """Who is calling: a token's id, name and role (no id and role ``admin`` with auth off)."""
+    """Who is calling: a token's id, name, role and projects (no id and role ``admin`` with auth off).
 
-    def __init__(self, name: str, role: str, token_id: int | None = None):
+    `projects` maps project ids to ``read`` or ``write``; None means no restriction (admins, and worker
+    tokens without grants). A user token sees only the projects it was granted."""
+
+    def __init__(self, name: str, role: str, token_id: int | None = None,
+                 projects: Mapping[int, str] | None = None):
         self.name, self.role, self.token_id = name, role, token_id
+        self.projects = None if role == "admin" else (dict(projects) if projects is not None else None)
+
+    def can_read(self, project_id: int) -> bool:
+        return self.projects is None or project_id in self.projects
+
+    def can_write(self, project_id: int) -> bool:
+        return self.projects is None or self.projects.get(project_id) == "write"
 
     def __repr__(self) -> str:
-        return f"Principal({self.name!r}, {self.role!r}, token_id={self.token_id!r})"
+        return f"Principal({self.name!r}, {self.role!r}, token_id={self.token_id!r}, projects={self.projects!r})"
 
 
 ANONYMOUS_ADMIN = Principal("anonymous (auth off)", "admin")
@@ -40,27 +54,77 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def issue_token(session: Session, name: str, role: str) -> tuple[Token, str]:
+def issue_token(session: Session, name: str, role: str,
+                projects: Mapping[str, str] | None = None) -> tuple[Token, str]:
+    """A new token with its grants (project name -> ``read`` or ``write``); returns the row and the secret."""
     if role not in ROLES:
         raise InvalidInput(f"unknown role {role!r}: use one of {', '.join(ROLES)}",
                            [{"loc": ["body", "role"], "msg": f"use one of {', '.join(ROLES)}", "type": "value_error"}])
+    # A user token without grants works in the shared project "default" (as tokens made before projects do).
+    grants = _grants(session, role, projects or ({"default": "write"} if role == "user" else {}))
     plain = TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = Token(name=name, role=role, token_hash=hash_token(plain))
     session.add(row)
     session.flush()
+    session.add_all(Grant(token_id=row.id, project_id=project_id, access=access) for project_id, access in grants)
     return row, plain
 
 
-def create_token(settings: Settings, name: str, role: str) -> str:
-    """Create a token directly in the database (used by `tunefleet token create`); returns the secret."""
+def _grants(session: Session, role: str, projects: Mapping[str, str]) -> list[tuple[int, str]]:
+    if projects and role == "admin":
+        msg = "admin tokens see every project: grant projects to user or worker tokens"
+        raise InvalidInput(msg, [{"loc": ["body", "projects"], "msg": msg, "type": "value_error"}])
+    grants = []
+    for name, access in projects.items():
+        if access not in ACCESS:
+            raise InvalidInput(f"access {access!r} to project {name!r}: use read or write",
+                               [{"loc": ["body", "projects", name], "msg": "use read or write", "type": "value_error"}])
+        grants.append((project_id(session, name), access))
+    return grants
+
+
+def project_id(session: Session, name: str) -> int:
+    """The id of the project called `name`; NotFound (with how to create it) when there is none."""
+    found = session.scalar(sa.select(Project.id).where(Project.name == name))
+    if found is None:
+        raise NotFound(f"project {name!r} does not exist: an admin creates it with `tunefleet project create {name}`")
+    return found
+
+
+def create_project(session: Session, name: str) -> Project:
+    """A new project; Conflict when the name is taken."""
+    if session.scalar(sa.select(Project.id).where(Project.name == name)) is not None:
+        raise Conflict(f"project {name!r} exists already")
+    row = Project(name=name)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def create_token(settings: Settings, name: str, role: str, projects: Mapping[str, str] | None = None) -> str:
+    """Create a token (with grants: project name -> read or write) directly in the database, as
+    `tunefleet token create` does, so the first admin token can be made; returns the secret."""
     engine = make_engine(settings.resolved_database_url, settings)
     try:
         from tunefleet.service.db import check_database
 
         check_database(engine)
         with transaction(sessionmaker(engine)) as session:
-            _, plain = issue_token(session, name, role)
+            _, plain = issue_token(session, name, role, projects)
         return plain
+    finally:
+        engine.dispose()
+
+
+def add_project(settings: Settings, name: str) -> int:
+    """Create a project directly in the database, as `tunefleet project create` does; returns its id."""
+    engine = make_engine(settings.resolved_database_url, settings)
+    try:
+        from tunefleet.service.db import check_database
+
+        check_database(engine)
+        with transaction(sessionmaker(engine)) as session:
+            return create_project(session, name).id
     finally:
         engine.dispose()
 
@@ -81,7 +145,9 @@ def authenticate(session: Session, header: str | None) -> Principal:
     row = session.scalar(sa.select(Token).where(Token.token_hash == digest))
     if row is None or row.revoked_at is not None:
         raise AuthError("invalid or revoked token: create a new one with `tunefleet token create`")
-    return Principal(row.name, row.role, row.id)
+    grants = dict(session.execute(sa.select(Grant.project_id, Grant.access).where(Grant.token_id == row.id)).all())
+    # Users see only what they were granted; a worker token without grants serves every project.
+    return Principal(row.name, row.role, row.id, grants if grants or row.role == "user" else None)
 
 
 def require_role(principal: Principal, *roles: str) -> None:

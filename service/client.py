@@ -385,9 +385,20 @@ class Client:
 
     # -- tokens ---------------------------------------------------------------------------------
 
-    def create_token(self, name: str, role: str) -> dict[str, Any]:
-        """POST /tokens (admin): `{id, name, role, token}`; the plain token is shown only here."""
-        return self._json("POST", "/tokens", json={"name": name, "role": role})
+    def create_token(self, name: str, role: str, projects: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """POST /tokens (admin): `{id, name, role, projects, token}`; the plain token is shown only here.
+        `projects` grants project names `read` or `write` access."""
+        return self._json("POST", "/tokens", json={"name": name, "role": role, "projects": dict(projects or {})})
+
+    # -- projects -------------------------------------------------------------------------------
+
+    def create_project(self, name: str) -> dict[str, Any]:
+        """POST /projects (admin): `{id, name, access}`."""
+        return self._json("POST", "/projects", json={"name": name})
+
+    def list_projects(self) -> list[dict[str, Any]]:
+        """GET /projects: the projects this token may see, each with `access` (read or write)."""
+        return self._json("GET", "/projects")
 
     def list_tokens(self) -> list[dict[str, Any]]:
         """GET /tokens (admin): `[{id, name, role, created_at, revoked}]`."""

@@ -1,4 +1,9 @@
-"""Domain errors. Each message tells the user what to do next; the API maps each class to one status."""
+"""Domain errors. Each message tells the user what to do next; the API maps each class to one status.
+
+Every error answer of the API has one body, `{"detail": ...}` (service/schemas.py `ErrorOut`): for a 422 a
+list of `{"loc", "msg", "type"}` entries, one per offending field (`InvalidInput.errors`); for every other
+status one message string.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ __all__ = [
     "InvalidInput",
     "LeaseLost",
     "NotFound",
+    "TooLarge",
     "TunefleetError",
 ]
 
@@ -40,7 +46,29 @@ class LeaseLost(Conflict):
 
 
 class InvalidInput(TunefleetError):
+    """422. `detail` is the list of `{"loc", "msg", "type"}` entries when the raiser knows the fields; a
+    message alone becomes one entry at `loc` (the request as a whole when empty)."""
+
     status_code = 422
+
+    def __init__(self, message: str, detail: list[dict[str, Any]] | None = None, *,
+                 loc: tuple[str | int, ...] = ()):
+        super().__init__(message, detail)
+        self.loc = loc
+
+    def errors(self) -> list[dict[str, Any]]:
+        """The 422's `detail`: always a list of `{"loc": [...], "msg": "...", "type": "..."}`."""
+        if isinstance(self.detail, list) and self.detail:
+            return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", self.message)),
+                     "type": str(e.get("type", "value_error"))} if isinstance(e, dict) else
+                    {"loc": list(self.loc), "msg": str(e), "type": "value_error"} for e in self.detail]
+        return [{"loc": list(self.loc), "msg": self.message, "type": "value_error"}]
+
+
+class TooLarge(TunefleetError):
+    """413: a request body over the server's limit (e.g. an artifact over TUNEFLEET_MAX_ARTIFACT_MB)."""
+
+    status_code = 413
 
 
 class AuthError(TunefleetError):
@@ -52,4 +80,7 @@ class Forbidden(TunefleetError):
 
 
 class DatabaseNotReady(TunefleetError):
+    """503: the database is unreachable, refuses connections, or is not at the latest schema. The answer
+    carries `Retry-After`."""
+
     status_code = 503

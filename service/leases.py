@@ -65,9 +65,11 @@ def lease(backend: Backend, body: LeaseIn, principal: Principal) -> LeaseOut | N
         _touch_worker(session, body)
         in_flight = (sa.select(sa.func.count()).where(Lease.study_id == StudyRow.id, Lease.state == "active")
                      .scalar_subquery())
+        running = sa.select(StudyRow.id).where(StudyRow.state == "running")
+        if principal.projects is not None:  # a worker token limited to some projects serves only those
+            running = running.where(StudyRow.project_id.in_(list(principal.projects)))
         candidates = session.scalars(
-            sa.select(StudyRow.id).where(StudyRow.state == "running")
-            .order_by(in_flight, StudyRow.last_leased_at.asc().nulls_first(), StudyRow.id)
+            running.order_by(in_flight, StudyRow.last_leased_at.asc().nulls_first(), StudyRow.id)
         ).all()
     for study_id in candidates:
         try:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime
-from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
+from datetime import datetime, timezone
+from typing import Annotated, Any, ClassVar, Generic, Literal, NamedTuple, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = [
-    "ArtifactOut", "CompleteIn", "FailIn", "HeartbeatIn", "HeartbeatOut", "LeaseIn", "LeaseOut", "Page", "Problem",
-    "ReportIn", "ReportOut", "StudyOut", "TokenIn", "TokenOut", "TrialOut", "printable", "storable_problems",
-    "storable_text", "text_problem",
+    "ArtifactOut", "CompleteIn", "ErrorItem", "ErrorOut", "FailIn", "HeartbeatIn", "HeartbeatOut", "LeaseIn",
+    "LeaseOut", "Page", "Problem", "ReportIn", "ReportOut", "StudyOut", "TokenIn", "TokenOut", "TrialOut",
+    "ValidationErrorOut", "printable", "storable_problems", "storable_text", "text_problem",
 ]
 
 T = TypeVar("T")
@@ -125,6 +125,56 @@ class _In(BaseModel):
         return data
 
 
+# ---- error answers ----------------------------------------------------------------------------------------
+# Every error answer is `{"detail": ...}`: a 422 lists every offending field (`ValidationErrorOut`), every
+# other status carries one message saying what is wrong and what to do (`ErrorOut`).
+
+
+class ErrorItem(BaseModel):
+    """One offending field of a refused request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loc: list[str | int] = Field(description="where: `body`, `query`, `path` or `header` then the field's path "
+                                             "(a study spec's own field path for POST /studies); empty: the "
+                                             "request as a whole")
+    msg: str = Field(description="what is wrong, and what fixes it")
+    type: str = Field(description="the kind of problem, e.g. `missing`, `value_error`, `nul_character`")
+
+
+class ErrorOut(BaseModel):
+    """The answer of every error status but 422: one message saying what is wrong and what to do."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    detail: str
+
+
+class ValidationErrorOut(BaseModel):
+    """The answer of a 422: one entry per offending field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    detail: list[ErrorItem] = Field(min_length=1)
+
+
+# ---- moments in answers ------------------------------------------------------------------------------------
+# Every datetime of an answer carries its offset (RFC 3339, as the OpenAPI `date-time` format says). Naive ones
+# come from Optuna (its local time) and from SQLite (which drops the zone of what was written as UTC).
+
+
+def _local_if_naive(moment: datetime) -> datetime:
+    return moment.astimezone() if moment.tzinfo is None else moment
+
+
+def _utc_if_naive(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
+OptunaTime = Annotated[datetime, AfterValidator(_local_if_naive)]
+Moment = Annotated[datetime, AfterValidator(_utc_if_naive)]
+
+
 class Page(BaseModel, Generic[T]):
     items: list[T]
     total: int
@@ -151,16 +201,17 @@ class TrialOut(BaseModel):
     retry_of: int | None = None
     worker_id: str | None = None
     fail_reason: str | None = None
-    datetime_start: datetime | None = None
-    datetime_complete: datetime | None = None
+    datetime_start: OptunaTime | None = None
+    datetime_complete: OptunaTime | None = None
 
 
 class StudyOut(BaseModel):
     id: int
     name: str
+    project: str = "default"
     state: str
     spec: dict[str, Any]
-    created_at: datetime
+    created_at: Moment
     counts: dict[str, int]
     trials_used: int
     max_trials: int
@@ -190,7 +241,7 @@ class LeaseOut(BaseModel):
     spec: dict[str, Any]
     rungs: list[int]
     is_baseline: bool
-    deadline: datetime
+    deadline: Moment
     lease_seconds: float
     heartbeat_interval: float
 
@@ -202,7 +253,7 @@ class HeartbeatIn(_In):
 class HeartbeatOut(BaseModel):
     stop: bool
     reason: str | None = None
-    deadline: datetime | None = None
+    deadline: Moment | None = None
 
 
 class ReportIn(_In):
@@ -236,18 +287,35 @@ class ArtifactOut(BaseModel):
     name: str
     size: int
     sha256: str
-    created_at: datetime
+    created_at: Moment
+
+
+ProjectName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+Access = Literal["read", "write"]
 
 
 class TokenIn(_In):
     name: str = Field(min_length=1, max_length=200)
     role: str
+    projects: dict[ProjectName, Access] = Field(
+        default_factory=dict, description="grants: project name -> read or write (user and worker tokens)")
 
 
 class TokenOut(BaseModel):
     id: int
     name: str
     role: str
-    created_at: datetime
+    created_at: Moment
     revoked: bool = False
+    projects: dict[str, str] = Field(default_factory=dict)
     token: str | None = None
+
+
+class ProjectIn(_In):
+    name: ProjectName
+
+
+class ProjectOut(BaseModel):
+    id: int
+    name: str
+    access: Access = Field(description="what the calling token may do in this project")

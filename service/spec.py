@@ -236,6 +236,8 @@ class BudgetSpec(_Strict):
 
 class StudySpec(_Strict):
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    project: str = Field("default", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+                         description="the project the study belongs to: who may see and change it (see docs/api.md)")
     description: str = ""
     model: str = Field(min_length=1, description="hub id or local path of the base model")
     tokenizer: str | None = None

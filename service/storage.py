@@ -30,7 +30,7 @@ reads a private attribute of an Optuna object (a test checks it); they go throug
 - `RDBStorage._get_trials`: reads only the trials that changed, in `sync`.
 - `optuna.storages._rdb.models` (`StudyModel`, `TrialModel`, the param, value, intermediate value and
   attribute models) and their `*_to_stored_repr` helpers: the tables written in one statement below, and
-  the raw query of `unleased_running_trials`.
+  the raw queries of `unleased_running_trials` and `study_id_of_trial`.
 - The write semantics of `RDBStorage` re-implemented in SQL: trial numbering (count of the study's
   earlier trials, under the study row lock), naive local datetimes (`optuna_now`), rows written only
   while a trial is RUNNING or WAITING.
@@ -73,8 +73,8 @@ from optuna.storages._rdb.models import (
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.dialects import postgresql, sqlite
 
-__all__ = ["OPTUNA_VERSION_TABLE", "ServerStorage", "optuna_now", "study_storage_id", "trial_storage_id",
-           "unleased_running_trials"]
+__all__ = ["OPTUNA_VERSION_TABLE", "ServerStorage", "optuna_now", "study_id_of_trial", "study_storage_id",
+           "trial_storage_id", "unleased_running_trials"]
 
 OPTUNA_VERSION_TABLE = "version_info"
 
@@ -95,6 +95,13 @@ def trial_storage_id(trial: FrozenTrial | optuna.Trial) -> int:
 def study_storage_id(study: optuna.Study) -> int:
     """The storage id of a study."""
     return study._study_id
+
+
+def study_id_of_trial(engine: sa.Engine, trial_id: int) -> int | None:
+    """The id of the study holding a trial, read from Optuna's table (waiting trials have no lease row)."""
+    with engine.connect() as conn:
+        found = conn.scalar(sa.select(_TRIALS.c.study_id).where(_TRIALS.c.trial_id == trial_id))
+    return None if found is None else int(found)
 
 
 def optuna_now() -> datetime:

@@ -16,13 +16,14 @@ import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.orm import Session
 
+from tunefleet.service.auth import ANONYMOUS_ADMIN, Principal, project_id
 from tunefleet.service.backend import Backend, StudyRuntime
-from tunefleet.service.errors import Conflict, InvalidInput, NotFound
+from tunefleet.service.errors import Conflict, Forbidden, InvalidInput, NotFound
 from tunefleet.service.schemas import StudyOut, TrialOut, storable_problems
 from tunefleet.service.search import build_pruner, build_sampler, search_problems
 from tunefleet.service.spec import CategoricalParam, SpecError, StudySpec, validate_spec
-from tunefleet.service.storage import study_storage_id, trial_storage_id
-from tunefleet.service.tables import Lease, RungReport, utcnow
+from tunefleet.service.storage import study_id_of_trial, study_storage_id, trial_storage_id
+from tunefleet.service.tables import Lease, Project, RungReport, utcnow
 from tunefleet.service.tables import Study as StudyRow
 
 __all__ = [
@@ -105,8 +106,9 @@ def retried_trial_ids(trials: list[FrozenTrial]) -> set[int]:
     return {int(t.user_attrs["retry_of"]) for t in trials if "retry_of" in t.user_attrs}
 
 
-def create_study(backend: Backend, data: Any) -> StudyOut:
-    """Validate and store a study, enqueue its baseline; raises InvalidInput (422) or Conflict (409)."""
+def create_study(backend: Backend, data: Any, principal: Principal = ANONYMOUS_ADMIN) -> StudyOut:
+    """Validate and store a study in its project, enqueue its baseline; raises InvalidInput (422), NotFound
+    (an unknown project, or one `principal` may not see), Forbidden (read-only access) or Conflict (409)."""
     # First what no table can store (NUL, lone surrogates, NaN/Infinity), anywhere in the spec: the spec is
     # stored as submitted, and the other checks would quote such values back.
     unstorable = storable_problems(data)
@@ -125,6 +127,7 @@ def create_study(backend: Backend, data: Any) -> StudyOut:
         errors = [{"loc": list(loc), "msg": msg, "type": "value_error"} for loc, msg in problems]
         raise InvalidInput(f"invalid study spec: {problems[0][1]}", errors)
     with backend.session() as session:
+        project = _writable_project(session, principal, spec.project)
         if session.scalar(sa.select(StudyRow.id).where(StudyRow.name == spec.name)) is not None:
             raise Conflict(f"a study named {spec.name!r} exists: pick another name or delete it first")
     try:
@@ -142,7 +145,7 @@ def create_study(backend: Backend, data: Any) -> StudyOut:
         baseline_id = _enqueue_baseline(study, spec)
         with backend.session() as session:
             session.add(StudyRow(id=study_storage_id(study), name=spec.name, spec=data, state="running",
-                                 baseline_trial_id=baseline_id))
+                                 project_id=project, baseline_trial_id=baseline_id))
     except BaseException:
         optuna.delete_study(study_name=spec.name, storage=backend.storage)
         raise
@@ -160,11 +163,47 @@ def _enqueue_baseline(study: optuna.Study, spec: StudySpec) -> int | None:
     return trial_storage_id(waiting[-1])
 
 
-def _row(session: Session, study_id: int) -> StudyRow:
+def _writable_project(session: Session, principal: Principal, name: str) -> int:
+    try:
+        found = project_id(session, name)
+    except NotFound:
+        if principal.projects is not None:  # not an admin: do not tell which projects exist
+            raise NotFound(f"project {name!r} does not exist or is not yours: ask an admin for access") from None
+        raise
+    if not principal.can_read(found):
+        raise NotFound(f"project {name!r} does not exist or is not yours: ask an admin for access")
+    if not principal.can_write(found):
+        raise Forbidden(f"token {principal.name!r} may only read project {name!r}: ask an admin for write access")
+    return found
+
+
+def _row(session: Session, study_id: int, principal: Principal = ANONYMOUS_ADMIN, write: bool = False) -> StudyRow:
+    """The study's row, if `principal` may see it (NotFound otherwise, as for an unknown id: other projects'
+    studies stay invisible) and, with `write`, change it (Forbidden for read-only access)."""
     row = session.get(StudyRow, study_id)
-    if row is None:
+    if row is None or not principal.can_read(row.project_id):
         raise NotFound(f"study {study_id} does not exist: `tunefleet study ls` lists studies")
+    if write and not principal.can_write(row.project_id):
+        raise Forbidden(f"token {principal.name!r} may only read study {study_id}'s project: ask an admin for "
+                        "write access")
     return row
+
+
+def check_study_access(backend: Backend, principal: Principal, study_id: int, write: bool = False) -> None:
+    """NotFound unless `principal` may see the study; Forbidden when `write` and its access is read-only."""
+    with backend.session() as session:
+        _row(session, study_id, principal, write)
+
+
+def check_trial_access(backend: Backend, principal: Principal, trial_id: int) -> None:
+    """NotFound unless the trial exists and `principal` may see its study."""
+    with backend.session() as session:
+        lease = session.get(Lease, trial_id)
+    study_id = lease.study_id if lease else _study_id_of_trial(backend, trial_id)
+    try:
+        check_study_access(backend, principal, study_id)
+    except NotFound:
+        raise NotFound(f"trial {trial_id} does not exist") from None
 
 
 def get_study(backend: Backend, study_id: int) -> StudyOut:
@@ -173,10 +212,13 @@ def get_study(backend: Backend, study_id: int) -> StudyOut:
         return _study_view(session, row, _current(backend, study_id))
 
 
-def list_studies(backend: Backend, state: str | None, name: str | None, limit: int, offset: int
-                 ) -> tuple[list[StudyOut], int]:
+def list_studies(backend: Backend, state: str | None, name: str | None, limit: int, offset: int,
+                 principal: Principal = ANONYMOUS_ADMIN) -> tuple[list[StudyOut], int]:
+    """One page of the studies `principal` may see, newest first, and how many there are in all."""
     with backend.session() as session:
         query = sa.select(StudyRow)
+        if principal.projects is not None:
+            query = query.where(StudyRow.project_id.in_(list(principal.projects)))
         if state:
             if state not in STATES:
                 raise InvalidInput(f"unknown state {state!r}: use one of {', '.join(STATES)}")
@@ -202,8 +244,10 @@ def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> Study
     use = usage(session, runtime, trials)
     best = _best_trial(runtime, trials)
     max_trials = runtime.spec.budget.max_trials
+    project = session.get(Project, row.project_id)
     return StudyOut(
-        id=row.id, name=row.name, state=row.state, spec=row.spec, created_at=row.created_at,
+        id=row.id, name=row.name, project=project.name if project else "?", state=row.state, spec=row.spec,
+        created_at=row.created_at,
         counts={s: counts.get(s, 0) for s in ("waiting", "running", "complete", "pruned", "fail")},
         trials_used=use.used, max_trials=max_trials, progress=min(1.0, use.used / max_trials),
         gpu_hours=_lease_hours(session, row.id),
@@ -336,11 +380,10 @@ def get_trial(backend: Backend, trial_id: int) -> TrialOut:
 
 def _study_id_of_trial(backend: Backend, trial_id: int) -> int:
     """Waiting trials have no lease yet: ask Optuna which study holds them."""
-    with backend.engine.connect() as conn:
-        study_id = conn.scalar(sa.text("SELECT study_id FROM trials WHERE trial_id = :id"), {"id": trial_id})
+    study_id = study_id_of_trial(backend.engine, trial_id)
     if study_id is None:
         raise NotFound(f"trial {trial_id} does not exist")
-    return int(study_id)
+    return study_id
 
 
 def study_report(backend: Backend, study_id: int) -> dict[str, Any]:

@@ -12,7 +12,11 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Artifact", "Base", "Lease", "RungReport", "Study", "Token", "Worker", "utcnow"]
+__all__ = ["DEFAULT_PROJECT_ID", "Artifact", "Base", "Grant", "Lease", "Project", "RungReport", "Study", "Token",
+           "Worker", "utcnow"]
+
+# The project every study belongs to unless its spec names another (made by migration 0003).
+DEFAULT_PROJECT_ID = 1
 
 
 def utcnow() -> datetime:
@@ -23,6 +27,27 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
 
 
+class Project(Base):
+    """A group of studies that tokens are granted (see `Grant`): users see only their projects' studies."""
+
+    __tablename__ = "tf_projects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Grant(Base):
+    """A token's access to one project: ``read`` (see studies, trials, artifacts) or ``write`` (also create,
+    pause, resume, stop and delete studies). A worker token with grants leases only from those projects."""
+
+    __tablename__ = "tf_grants"
+
+    token_id: Mapped[int] = mapped_column(ForeignKey("tf_tokens.id", ondelete="CASCADE"), primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("tf_projects.id", ondelete="CASCADE"), primary_key=True)
+    access: Mapped[str] = mapped_column(String(8))
+
+
 class Study(Base):
     """A tunefleet study; ``id`` equals Optuna's ``study_id`` of the study with the same name."""
 
@@ -31,6 +56,7 @@ class Study(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # exactly as submitted
+    project_id: Mapped[int] = mapped_column(ForeignKey("tf_projects.id"), index=True, default=DEFAULT_PROJECT_ID)
     state: Mapped[str] = mapped_column(String(16), default="running", index=True)
     baseline_trial_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -7,6 +7,7 @@ each test gets its own database, copied from a migrated template made once per r
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import uuid
@@ -23,6 +24,19 @@ from tunefleet.service.db import upgrade_database
 
 PG_ADMIN_URL = os.environ.get("TUNEFLEET_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 RUN_ID = uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A test that runs a server entry point in this process (`run_server`) configures logging for the whole
+    process; put it back, so later tests' captured output holds no server log lines."""
+    root, ours = logging.getLogger(), logging.getLogger("tunefleet")
+    handlers, levels = list(root.handlers), (root.level, ours.level)
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(levels[0])
+    ours.setLevel(levels[1])
 
 
 def _pg_connect():  # type: ignore[no-untyped-def]

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OPTUNA_INTERNALS_MODULE = ROOT / "service" / "storage.py"
 # An import of a private Optuna module, a private attribute of an Optuna object, or Optuna's table names.
 PRIVATE_USE = re.compile(r"optuna(\.\w+)*\._\w+|\._(trial_id|study_id|storage|backend)\b|_get_trials|_CachedStorage"
-                         r"|_rdb\b|version_info")
+                         r"|_rdb\b|version_info|\b(FROM|JOIN|INTO|UPDATE)\s+(trials|studies|trial_\w+|study_\w+)\b",
+                         re.IGNORECASE)
 
 
 def _package_sources() -> list[Path]:

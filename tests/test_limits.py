@@ -94,3 +94,22 @@ def test_more_connections_than_postgresql_allows_are_refused_at_start(pg_url: st
         check_connection_budget(sqlite, greedy, processes=8)  # SQLite has no connection limit to check
     finally:
         sqlite.dispose()
+
+
+def test_the_server_refuses_to_start_with_more_connections_than_postgresql_allows(pg_url: str,
+                                                                                 tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tunefleet.service.config import Settings as _Settings
+    from tunefleet.service.db import upgrade_database
+
+    upgrade_database(_Settings(database_url=pg_url, home=tmp_path))
+    env = {**os.environ, "TUNEFLEET_DATABASE_URL": pg_url, "TUNEFLEET_HOME": str(tmp_path),
+           "TUNEFLEET_DB_POOL_SIZE": "40", "TUNEFLEET_DB_MAX_OVERFLOW": "40"}
+    result = subprocess.run([sys.executable, "-m", "tunefleet", "server", "--port", "1", "--processes", "2"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "exceeds PostgreSQL's max_connections" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr

@@ -19,17 +19,25 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from optuna.exceptions import StorageInternalError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tunefleet import __version__
-from tunefleet.service.api import metrics, studies, tokens, trials
+from tunefleet.service.api import metrics, projects, studies, tokens, trials
+from tunefleet.service.api.deps import RETRY_AFTER_SECONDS, errors
 from tunefleet.service.auth import authenticate
 from tunefleet.service.backend import Backend
 from tunefleet.service.config import Settings, get_settings, is_loopback
 from tunefleet.service.db import check_database
-from tunefleet.service.errors import DatabaseNotReady, TunefleetError
+from tunefleet.service.errors import DatabaseNotReady, InvalidInput, TunefleetError
+from tunefleet.service.schemas import printable
 
 __all__ = ["BackgroundServer", "JsonFormatter", "TextFormatter", "app_from_environment", "configure_logging",
            "create_app", "request_context", "run_server"]
@@ -228,6 +236,124 @@ def _require_token(backend: Backend, header: str | None) -> None:
         backend.principals.put(header, principal)
 
 
+# ---- error answers ---------------------------------------------------------------------------------------
+# One body for every error answer (service/schemas.py): a 422 is {"detail": [{"loc", "msg", "type"}, ...]},
+# every other status {"detail": "message"}. A database that is away (unreachable, dropped, out of
+# connections) is a 503 with Retry-After, never a 500.
+
+_RETRY_AFTER = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+# SQLSTATE classes of a database that is away rather than of a bad statement: connection exceptions (08),
+# insufficient resources (53: too many clients, out of memory or disk), operator intervention (57: shutdown,
+# terminated backend, database dropped).
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57")
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+
+
+class Readiness(BaseModel):
+    status: str
+    detail: str | None = None
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Whether a database error means the database is away for now (retry later), not a bad statement."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:  # the exception, then what it was raised from
+        seen.add(id(current))
+        if isinstance(current, (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)):
+            return True
+        if isinstance(current, DBAPIError):
+            code = getattr(current.orig, "pgcode", None) or getattr(current.orig, "sqlstate", None) or ""
+            return current.connection_invalidated or str(code).startswith(_UNAVAILABLE_SQLSTATES)
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _why_unavailable(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc.__cause__ or exc).lower()
+    if "too many" in text or "connection limit" in text or isinstance(exc, PoolTimeout):
+        return "the database has no free connection"
+    return "the database does not answer"
+
+
+def _printable_loc(part: Any) -> str | int:
+    return part if isinstance(part, int) and not isinstance(part, bool) else printable(str(part))
+
+
+def _error(status: int, detail: str | list[dict[str, Any]], headers: dict[str, str] | None = None) -> JSONResponse:
+    """`{"detail": detail}`; text that cannot be encoded (a lone surrogate quoted back) is escaped first."""
+    if isinstance(detail, str):
+        detail = printable(detail)
+    else:
+        detail = [{"loc": [_printable_loc(p) for p in e["loc"]], "msg": printable(e["msg"]), "type": e["type"]}
+                  for e in detail]
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _unavailable_answer(exc: BaseException) -> JSONResponse:
+    what = str(getattr(exc, "orig", None) or exc).strip()
+    log.warning("database unavailable, answered 503: %s: %s", type(exc).__name__, what.splitlines()[0] if what else "")
+    return _error(503, f"{_why_unavailable(exc)}: retry in {RETRY_AFTER_SECONDS} s (Retry-After); if it lasts, "
+                       "check the database and `GET /readyz`", _RETRY_AFTER)
+
+
+def _internal_error(exc: BaseException, *, logged: bool = False) -> JSONResponse:
+    """A bug: 500 in the one error shape, naming the request id of the log line with the traceback."""
+    if not logged:
+        log.error("unhandled %s: %s", type(exc).__name__, exc, exc_info=(type(exc), exc, exc.__traceback__))
+    request_id = request_context().get("request_id", "?")
+    return _error(500, f"internal error (request id {request_id}): the server logged it; please report it")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error answer through one shape; database outages as 503 with Retry-After."""
+
+    @app.exception_handler(TunefleetError)
+    async def domain_error(_: Request, exc: TunefleetError) -> JSONResponse:
+        if isinstance(exc, InvalidInput):
+            return _error(422, exc.errors())
+        if exc.status_code == 503:
+            return _error(503, f"{exc.message.strip()} (retry in {RETRY_AFTER_SECONDS} s)", _RETRY_AFTER)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return _error(exc.status_code, exc.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # pydantic's entries without `input` and `ctx`: one entry shape for every 422 (never an echo of
+        # what was sent, which may be large or secret).
+        return _error(422, [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")),
+                             "type": str(e.get("type", "value_error"))} for e in exc.errors()]
+                      or [{"loc": [], "msg": "invalid request", "type": "value_error"}])
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI could not read a JSON body (not UTF-8): malformed, as bad JSON is
+            return _error(422, [{"loc": ["body"], "msg": "the body is not readable JSON: send UTF-8 encoded JSON",
+                                 "type": "json_invalid"}])
+        return _error(exc.status_code, str(exc.detail), dict(exc.headers) if exc.headers else None)
+
+    @app.exception_handler(StorageInternalError)
+    async def storage_error(_: Request, exc: StorageInternalError) -> JSONResponse:
+        # Optuna's wrapper of a failed commit: the database went away, unless what it wraps says otherwise.
+        cause = exc.__cause__
+        if isinstance(cause, DBAPIError) and not _unavailable(cause):
+            return _internal_error(exc)
+        return _unavailable_answer(cause or exc)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def database_error(_: Request, exc: SQLAlchemyError) -> JSONResponse:
+        return _unavailable_answer(exc) if _unavailable(exc) else _internal_error(exc)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Anything else, still in the one shape; Starlette re-raises it afterwards, so uvicorn logs it.
+        return _unavailable_answer(exc) if _unavailable(exc) else _internal_error(exc, logged=True)
+
+
 def create_app(settings: Settings | None = None, *, auth_enabled: bool | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -250,30 +376,33 @@ def create_app(settings: Settings | None = None, *, auth_enabled: bool | None = 
     app.state.auth_enabled = settings.auth_enabled() if auth_enabled is None else auth_enabled
     # /metrics: a token of any role when TUNEFLEET_METRICS_AUTH says so, else whenever auth is on.
     app.state.metrics_auth = app.state.auth_enabled if settings.metrics_auth is None else settings.metrics_auth
-    for router in (studies.router, trials.router, tokens.router):
+    for router in (studies.router, trials.router, tokens.router, projects.router):
         app.include_router(router)
 
-    @app.exception_handler(TunefleetError)
-    async def domain_error(_: Request, exc: TunefleetError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
-
+    _add_error_handlers(app)
     app.add_middleware(_Timing)
     app.add_middleware(_RequestContext)  # added last: the outer one, so the timing and every log line see it
 
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    @app.get("/healthz", tags=["health"], response_model=Health)
+    def healthz() -> Health:
+        return Health(status="ok", version=__version__)
 
-    @app.get("/readyz", tags=["health"])
+    @app.get("/readyz", tags=["health"], response_model=Readiness,
+             responses={503: {"model": Readiness, "description": "the database does not answer, or is not at the "
+                              "latest schema (`detail` says which); retry after `Retry-After` seconds",
+                              "headers": errors(503)[503]["headers"]}})
     def readyz(request: Request) -> JSONResponse:
         try:
             check_database(request.app.state.backend.engine)
         except DatabaseNotReady as exc:
-            return JSONResponse({"status": "not ready", "detail": exc.message}, status_code=503)
+            return JSONResponse({"status": "not ready", "detail": exc.message}, status_code=503,
+                                headers=_RETRY_AFTER)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics", tags=["health"])
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus metrics (text exposition format)",
+                              "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
+                        **{k: v for k, v in errors().items() if k != 403}})
     def prometheus(request: Request) -> Response:
         backend: Backend = request.app.state.backend
         if request.app.state.metrics_auth:
@@ -314,14 +443,15 @@ def run_server(host: str | None = None, port: int | None = None, migrate: bool =
                   "SQLite database serves from one process: drop --processes or set TUNEFLEET_DATABASE_URL",
                   processes)
         return 2
-    from tunefleet.service.db import make_engine, upgrade_database
+    from tunefleet.service.db import check_connection_budget, make_engine, upgrade_database
 
     try:
         if migrate:
             upgrade_database(settings)
-        engine = make_engine(settings.resolved_database_url)
+        engine = make_engine(settings.resolved_database_url, settings)
         try:
             check_database(engine)
+            check_connection_budget(engine, settings, processes)
         finally:
             engine.dispose()
     except DatabaseNotReady as exc:

@@ -11,9 +11,10 @@ from starlette.concurrency import run_in_threadpool
 
 from tunefleet.service import leases, studies
 from tunefleet.service.api import metrics
-from tunefleet.service.api.deps import BackendDep, LeaseToken, Reader, WorkerOrAdmin
+from tunefleet.service.api.deps import BackendDep, LeaseToken, Reader, WorkerOrAdmin, errors
 from tunefleet.service.artifacts import artifact_path, check_name_free, clean_name, list_artifacts, record_artifact
-from tunefleet.service.errors import InvalidInput
+from tunefleet.service.backend import Backend
+from tunefleet.service.errors import TooLarge
 from tunefleet.service.schemas import (
     ArtifactOut,
     CompleteIn,
@@ -29,8 +30,13 @@ from tunefleet.service.schemas import (
 
 router = APIRouter(prefix="/api/v1", tags=["trials"])
 
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+# PUT /trials/{id}/artifacts/{name} reads its body as a stream of raw bytes (no FastAPI body parameter).
+_UPLOAD_BODY = {"requestBody": {"required": True, "description": "the file's bytes", "content": _BINARY}}
 
-@router.post("/leases", response_model=LeaseOut, responses={204: {"description": "no study has work"}})
+
+@router.post("/leases", response_model=LeaseOut,
+             responses={204: {"description": "no study has work"}, **errors(409, 422)})
 def lease(backend: BackendDep, principal: WorkerOrAdmin, body: LeaseIn) -> LeaseOut | Response:
     leased = leases.lease(backend, body, principal)
     if leased is None:
@@ -39,18 +45,19 @@ def lease(backend: BackendDep, principal: WorkerOrAdmin, body: LeaseIn) -> Lease
     return leased
 
 
-@router.get("/trials/{trial_id}", response_model=TrialOut)
-def get_trial(backend: BackendDep, _: Reader, trial_id: int) -> TrialOut:
+@router.get("/trials/{trial_id}", response_model=TrialOut, responses=errors(404, 422))
+def get_trial(backend: BackendDep, principal: Reader, trial_id: int) -> TrialOut:
+    studies.check_trial_access(backend, principal, trial_id)
     return studies.get_trial(backend, trial_id)
 
 
-@router.post("/trials/{trial_id}/heartbeat", response_model=HeartbeatOut)
+@router.post("/trials/{trial_id}/heartbeat", response_model=HeartbeatOut, responses=errors(404, 422))
 def heartbeat(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, token: LeaseToken = None,
               body: HeartbeatIn | None = None) -> HeartbeatOut:
     return leases.heartbeat(backend, trial_id, token, body.worker_id if body else "")
 
 
-@router.post("/trials/{trial_id}/reports", response_model=ReportOut)
+@router.post("/trials/{trial_id}/reports", response_model=ReportOut, responses=errors(404, 409, 422))
 def report(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: ReportIn, token: LeaseToken = None
            ) -> ReportOut:
     prune = leases.report(backend, trial_id, token, body)
@@ -58,25 +65,30 @@ def report(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: ReportIn,
     return ReportOut(prune=prune)
 
 
-@router.post("/trials/{trial_id}/complete", response_model=TrialOut)
+@router.post("/trials/{trial_id}/complete", response_model=TrialOut, responses=errors(404, 409, 422))
 def complete(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: CompleteIn, token: LeaseToken = None
              ) -> TrialOut:
     return leases.complete(backend, trial_id, token, body)
 
 
-@router.post("/trials/{trial_id}/fail", response_model=TrialOut)
+@router.post("/trials/{trial_id}/fail", response_model=TrialOut, responses=errors(404, 409, 422))
 def fail(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: FailIn, token: LeaseToken = None) -> TrialOut:
     return leases.fail(backend, trial_id, token, body)
 
 
-@router.put("/trials/{trial_id}/artifacts/{name:path}", response_model=ArtifactOut)
+@router.put("/trials/{trial_id}/artifacts/{name:path}", response_model=ArtifactOut,
+            responses=errors(404, 409, 413, 422), openapi_extra=_UPLOAD_BODY)
 async def put_artifact(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, name: str, request: Request,
                        token: LeaseToken = None) -> ArtifactOut:
-    """Upload one file (streamed to disk, then renamed into place); the same name again replaces it."""
+    """Upload one file (streamed to disk, then renamed into place); the same name again replaces it. Over
+    TUNEFLEET_MAX_ARTIFACT_MB: 413."""
     clean_name(name)
     await run_in_threadpool(leases.require_holder, backend, trial_id, token)  # before reading the body
     await run_in_threadpool(check_name_free, backend, trial_id, name)  # 409 on a file/folder clash, too
     limit = backend.settings.max_artifact_mb * 2**20
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:  # refused before a byte is read
+        raise _too_large(backend, name)
     fd, tmp = backend.artifacts.incoming()
     digest, size = hashlib.sha256(), 0
     try:
@@ -84,8 +96,7 @@ async def put_artifact(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, nam
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise InvalidInput(f"artifact {name!r} is over {backend.settings.max_artifact_mb} MB: "
-                                       "raise TUNEFLEET_MAX_ARTIFACT_MB")
+                    raise _too_large(backend, name)
                 digest.update(chunk)
                 fh.write(chunk)
         return await run_in_threadpool(record_artifact, backend, trial_id, token, name, tmp, digest.hexdigest(), size)
@@ -93,11 +104,20 @@ async def put_artifact(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, nam
         tmp.unlink(missing_ok=True)
 
 
-@router.get("/trials/{trial_id}/artifacts", response_model=list[ArtifactOut])
-def get_artifacts(backend: BackendDep, _: Reader, trial_id: int) -> list[ArtifactOut]:
+def _too_large(backend: Backend, name: str) -> TooLarge:
+    return TooLarge(f"artifact {name!r} is over {backend.settings.max_artifact_mb} MB: raise "
+                    "TUNEFLEET_MAX_ARTIFACT_MB on the server, or upload a smaller file")
+
+
+@router.get("/trials/{trial_id}/artifacts", response_model=list[ArtifactOut], responses=errors(404, 422))
+def get_artifacts(backend: BackendDep, principal: Reader, trial_id: int) -> list[ArtifactOut]:
+    """The trial's artifacts (maybe none); 404 when there is no such trial, or not one the token may see."""
+    studies.check_trial_access(backend, principal, trial_id)
     return list_artifacts(backend, trial_id)
 
 
-@router.get("/trials/{trial_id}/artifacts/{name:path}")
-def download_artifact(backend: BackendDep, _: Reader, trial_id: int, name: str) -> FileResponse:
+@router.get("/trials/{trial_id}/artifacts/{name:path}", response_class=FileResponse,
+            responses={200: {"description": "the file's bytes", "content": _BINARY}, **errors(404, 422)})
+def download_artifact(backend: BackendDep, principal: Reader, trial_id: int, name: str) -> FileResponse:
+    studies.check_trial_access(backend, principal, trial_id)
     return FileResponse(artifact_path(backend, trial_id, name), media_type="application/octet-stream")

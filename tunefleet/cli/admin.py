@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from tunefleet.cli.app import app as root_app
-from tunefleet.cli.app import client_for, command, db_app, settings, token_app
+from tunefleet.cli.app import CliError, client_for, command, db_app, project_app, settings, token_app
 from tunefleet.cli.render import console, err_console, records_table
 
 
@@ -67,13 +67,43 @@ def dashboard(
 def token_create(
     name: Annotated[str, typer.Option(help="Who or what uses the token, e.g. ci or node1.")],
     role: Annotated[Role, typer.Option(help="admin, user or worker.")],
+    project: Annotated[list[str] | None, typer.Option(
+        "--project", metavar="NAME[:read|write]",
+        help="Grant a project (repeatable; access write unless :read). A user token sees only its projects; a "
+             "worker token with projects leases only from them; admin tokens see everything.")] = None,
 ) -> None:
     """Create a token directly in the database (so the first admin token can be made); prints it once."""
     from tunefleet.service.auth import create_token
 
-    plain = create_token(settings(), name, role.value)
+    plain = create_token(settings(), name, role.value, parse_grants(project or []))
     err_console.print(f"[green]created[/] {role.value} token [bold]{escape(name)}[/]; it is shown only now:")
     console.print(plain, soft_wrap=True, highlight=False)
+
+
+def parse_grants(options: list[str]) -> dict[str, str]:
+    """`["research", "shared:read"]` -> `{"research": "write", "shared": "read"}`; CliError on a bad access."""
+    grants = {}
+    for option in options:
+        name, _, access = option.partition(":")
+        if access not in ("", "read", "write") or not name:
+            raise CliError(f"--project {option!r}: write NAME, NAME:read or NAME:write")
+        grants[name] = access or "write"
+    return grants
+
+
+@command(project_app, "create")
+def project_create(name: Annotated[str, typer.Argument(help="Letters, digits, _ . - (as a study name).")]) -> None:
+    """Create a project directly in the database (admin; like `token create`)."""
+    from tunefleet.service.auth import add_project
+
+    project_id = add_project(settings(), name)
+    console.print(f"[green]created[/] project [bold]{escape(name)}[/] (id {project_id})")
+
+
+@command(project_app, "ls")
+def project_ls(ctx: typer.Context) -> None:
+    """List the projects this token may see, with its access to each."""
+    console.print(records_table(client_for(ctx).list_projects(), title="projects"))
 
 
 @command(token_app, "ls")

@@ -20,7 +20,7 @@ from tunefleet.cli.render import err_console
 from tunefleet.service.client import ApiError, Client
 
 __all__ = ["CliError", "ServerOption", "TokenOption", "app", "client_for", "command", "connection", "db_app",
-           "read_token_file", "settings", "study_app", "token_app", "trial_app", "warn"]
+           "project_app", "read_token_file", "settings", "study_app", "token_app", "trial_app", "warn"]
 
 app = typer.Typer(name="tunefleet", no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hyperparameter optimisation service for fine-tuning language models.")
@@ -28,10 +28,12 @@ db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
 study_app = typer.Typer(no_args_is_help=True, help="Create, watch and manage studies.")
 trial_app = typer.Typer(no_args_is_help=True, help="Inspect trials.")
 token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
+project_app = typer.Typer(no_args_is_help=True, help="Projects: who may see and change which studies.")
 app.add_typer(db_app, name="db")
 app.add_typer(study_app, name="study")
 app.add_typer(trial_app, name="trial")
 app.add_typer(token_app, name="token")
+app.add_typer(project_app, name="project")
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Modules only the `worker` extra installs: a missing one gets an install hint.

@@ -133,8 +133,8 @@ def _elapsed(start: str | None, now: datetime | None = None) -> str:
     """`45s`, `2m05s` or `1h02m` since `start` (ISO time from the server); `?` when unknown."""
     if not start:
         return "?"
-    began = datetime.fromisoformat(start)
-    # Optuna stamps trials with the server's naive local time; the demo's server is this process.
+    began = datetime.fromisoformat(start.replace("Z", "+00:00"))  # Python 3.10 reads no "Z"
+    # The server answers with offsets; a naive time (an older server) is this machine's local time.
     now = now or (datetime.now(timezone.utc) if began.tzinfo else datetime.now())
     seconds = max(0, int((now - began).total_seconds()))
     if seconds < 60:
