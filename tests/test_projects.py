@@ -142,3 +142,28 @@ def test_the_migration_puts_existing_studies_and_users_in_the_default_project(pg
             conn.execute(sa.text("INSERT INTO tf_projects (name, created_at) VALUES ('next', CURRENT_TIMESTAMP)"))
     finally:
         engine.dispose()
+
+
+def test_the_cli_creates_projects_and_grants_them(pg_url: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    settings = make_settings(pg_url, tmp_path, auth=True)
+    env = {**os.environ, "TUNEFLEET_DATABASE_URL": pg_url, "TUNEFLEET_HOME": str(tmp_path)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tunefleet", *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    assert "created project research" in cli("project", "create", "research").stdout
+    assert cli("project", "create", "research").returncode == 1, "a taken name is one red line"
+    made = cli("token", "create", "--name", "ana", "--role", "user", "--project", "research",
+               "--project", "default:read")
+    assert made.returncode == 0, made.stderr
+    bad = cli("token", "create", "--name", "x", "--role", "user", "--project", "research:own")
+    assert bad.returncode == 1 and "NAME:read or NAME:write" in bad.stderr
+    with LiveServer(settings) as live:
+        shown = cli("--server", live.url, "--token", made.stdout.strip(), "project", "ls")
+    assert shown.returncode == 0, shown.stderr
+    assert "research" in shown.stdout and "write" in shown.stdout and "read" in shown.stdout

@@ -1,4 +1,4 @@
-"""Commands that run or administer a server: `server`, `db upgrade`, `dashboard`, `token ...`."""
+"""Commands that run or administer a server: `server`, `db upgrade`, `dashboard`, `token ...`, `project ...`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from tunefleet.cli.app import app as root_app
 from tunefleet.cli.app import CliError, client_for, command, db_app, project_app, settings, token_app
+from tunefleet.cli.app import app as root_app
 from tunefleet.cli.render import console, err_console, records_table
 
 
