@@ -31,6 +31,7 @@ __all__ = [
     "check_database",
     "engine_kwargs",
     "make_engine",
+    "migrate",
     "transaction",
     "upgrade_database",
 ]
@@ -148,18 +149,40 @@ def check_connection_budget(engine: Engine, settings: Settings, processes: int) 
             "lower the pool sizes or the processes, or raise max_connections")
 
 
+def migrate(engine: Engine, revision: str = "head", *, down: bool = False) -> None:
+    """Upgrade (or with `down`, downgrade) our tables to `revision`, in one transaction.
+
+    On SQLite, foreign keys are off while it runs: alembic changes a table there by copying it into a new
+    one and dropping the old, and with foreign keys on, the drop would delete every row that refers to the
+    old table through ON DELETE CASCADE (a lease's reports and artifacts, a study's leases). They are
+    checked once the migration is done."""
+    from alembic import command
+
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as conn:
+        if sqlite:  # a no-op inside a transaction: set it before one begins
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()
+        with conn.begin():
+            cfg = _alembic_config(engine.url.render_as_string(hide_password=False))
+            cfg.attributes["connection"] = conn
+            (command.downgrade if down else command.upgrade)(cfg, revision)
+        if sqlite:
+            broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            conn.commit()
+            if broken:
+                raise DatabaseNotReady(f"the migration left rows without their parents: {broken[:5]}")
+
+
 def upgrade_database(settings: Settings) -> str:
     """Create or upgrade our tables and Optuna's; returns the schema revision now in place."""
     import optuna
-    from alembic import command
 
     url = settings.resolved_database_url
     engine = make_engine(url, settings)
     try:
-        with engine.begin() as conn:
-            cfg = _alembic_config(url)
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+        migrate(engine)
         storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url, settings),
                                              skip_compatibility_check=True)
         if storage.get_current_version() != storage.get_head_version():

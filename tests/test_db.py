@@ -90,52 +90,41 @@ def test_unreachable_database_is_reported() -> None:
 
 
 def test_lease_tokens_migrate_an_existing_database_up_and_down(empty_url: str) -> None:
-    """0002 keeps the leases of a database made by 0001, scopes request ids per worker, and reverts."""
-    from alembic import command
-
-    from tunefleet.service.db import _alembic_config
-
-    def migrate(to: str) -> None:
-        engine = make_engine(empty_url)
-        try:
-            with engine.begin() as conn:
-                cfg = _alembic_config(empty_url)
-                cfg.attributes["connection"] = conn
-                (command.upgrade if to != "0001" or not columns() else command.downgrade)(cfg, to)
-        finally:
-            engine.dispose()
+    """0002 keeps the leases (and their reports) of a database made by 0001, scopes request ids per worker,
+    and reverts. On SQLite a table change copies the table: no row may be lost to ON DELETE CASCADE."""
+    from tunefleet.service.db import migrate
 
     def columns() -> set[str]:
-        engine = make_engine(empty_url)
-        try:
-            return {c["name"] for c in sa.inspect(engine).get_columns("tf_leases")} if sa.inspect(
-                engine).has_table("tf_leases") else set()
-        finally:
-            engine.dispose()
+        return {c["name"] for c in sa.inspect(engine).get_columns("tf_leases")}
 
     def insert_lease(conn: sa.Connection, trial_id: int, worker: str, request_id: str) -> None:
         conn.execute(sa.text("INSERT INTO tf_leases (trial_id, study_id, worker_id, request_id, attempt, state, "
                              "requeued, started_at, deadline) VALUES (:t, 1, :w, :r, 0, 'active', false, "
                              "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"), {"t": trial_id, "w": worker, "r": request_id})
 
-    migrate("0001")
     engine = make_engine(empty_url)
     try:
+        migrate(engine, "0001")
         with engine.begin() as conn:
             conn.execute(sa.text("INSERT INTO tf_studies (id, name, spec, state, created_at, updated_at) VALUES "
                                  "(1, 's', '{}', 'running', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
             insert_lease(conn, 1, "w1", "r1")
-        migrate("head")
+            conn.execute(sa.text("INSERT INTO tf_reports (trial_id, step, value, metrics, prune, created_at) "
+                                 "VALUES (1, 20, 0.5, '{}', false, CURRENT_TIMESTAMP)"))
+        migrate(engine, "head")
         assert {"token_hash", "owner_token_id"} <= columns()
         with engine.begin() as conn:
             assert conn.execute(sa.text("SELECT worker_id, request_id FROM tf_leases")).all() == [("w1", "r1")]
+            assert conn.execute(sa.text("SELECT trial_id, step FROM tf_reports")).all() == [(1, 20)]
             insert_lease(conn, 2, "w2", "r1")  # another worker may use the same key
         with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
             insert_lease(conn, 3, "w1", "r1")  # the same worker may not
         with engine.begin() as conn:
             conn.execute(sa.text("DELETE FROM tf_leases WHERE trial_id = 2"))
-        migrate("0001")
+        migrate(engine, "0001", down=True)
         assert "token_hash" not in columns()
+        with engine.begin() as conn:
+            assert conn.execute(sa.text("SELECT trial_id, step FROM tf_reports")).all() == [(1, 20)]
         with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
             insert_lease(conn, 4, "w2", "r1")  # 0001's global uniqueness is back
     finally:
