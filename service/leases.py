@@ -144,7 +144,7 @@ def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn, principa
             _claim_and_requeue(backend, runtime, trial_storage_id(trial), "the lease could not be written")
         raise
     log.info("trial %s (study %s #%s) leased to %s: %s", trial_storage_id(trial), runtime.name, trial.number,
-             body.worker_id, trial.params)
+             body.worker_id, trial.params, extra=_ids(record))
     return _lease_out(backend, record, token)
 
 
@@ -233,7 +233,7 @@ def report(backend: Backend, trial_id: int, token: str | None, body: ReportIn) -
             backend.reports_handled[trial_id] = len(answers) + 1
         record.deadline = lease_deadline(backend)  # any call from the worker shows it is alive
         if prune:
-            log.info("trial %s pruned at %s%% (value %.4g)", trial_id, body.step, body.value)
+            log.info("trial %s pruned at %s%% (value %.4g)", trial_id, body.step, body.value, extra=_ids(record))
     if prune:
         backend.on_trial_finished("pruned")  # once: a retry or a later report returned above, unchanged
         maybe_complete(backend, runtime)
@@ -257,7 +257,7 @@ def complete(backend: Backend, trial_id: int, token: str | None, body: CompleteI
         runtime.study.tell(t.number, values)
         record.state, record.finished_at = "complete", utcnow()
         backend.reports_handled.pop(trial_id, None)
-        log.info("trial %s complete: %s", trial_id, values)
+        log.info("trial %s complete: %s", trial_id, values, extra=_ids(record))
     backend.on_trial_finished("complete")  # a repeat returned above, unchanged
     maybe_complete(backend, runtime)
     return get_trial(backend, trial_id)
@@ -317,9 +317,14 @@ def _fail_and_maybe_requeue(backend: Backend, session: Session, record: Lease, r
     backend.reports_handled.pop(record.trial_id, None)
     if requeue:
         log.warning("trial %s %s (%s); parameters re-queued, attempt %s of %s", record.trial_id, new_state, reason,
-                    record.attempt + 1, runtime.spec.search.max_retries)
+                    record.attempt + 1, runtime.spec.search.max_retries, extra=_ids(record))
     else:
-        log.warning("trial %s %s: %s", record.trial_id, new_state, reason)
+        log.warning("trial %s %s: %s", record.trial_id, new_state, reason, extra=_ids(record))
+
+
+def _ids(record: Lease) -> dict[str, Any]:
+    """The ids a log line about a lease carries (JSON logs show them as fields; see docs/operations.md)."""
+    return {"study_id": record.study_id, "trial_id": record.trial_id, "worker_id": record.worker_id or None}
 
 
 # ---- reaper ----------------------------------------------------------------------------------------------

@@ -272,6 +272,8 @@ def test_json_logs_of_every_server_process_carry_the_request_and_study(pg_url: s
             answer = httpx.post(f"{server.url}/api/v1/studies/{study_id}/{action}",
                                 headers={"X-Request-ID": f"ops-{action}-{i}"}, timeout=60)
             assert answer.status_code == 200, answer.text
+        leased = httpx.post(server.url + "/api/v1/leases", json={"worker_id": "gpu-7"}, timeout=60)
+        assert leased.status_code == 200, leased.text
         bad = httpx.get(server.url + "/healthz", headers={"X-Request-ID": "bad id; with spaces and a quote \""})
         assert re.fullmatch(r"[0-9a-f]{32}", bad.headers["x-request-id"]), "an unsafe id is replaced"
     finally:
@@ -287,5 +289,8 @@ def test_json_logs_of_every_server_process_carry_the_request_and_study(pg_url: s
     assert all(e["level"] == "INFO" for e in made)
     paused = [e for e in entries if e.get("request_id") == "ops-pause-0" and e["logger"].startswith("tunefleet.")]
     assert paused and paused[0]["study_id"] == study_id, paused
+    lease_lines = [e for e in entries if "leased to gpu-7" in e["message"]]
+    assert lease_lines and lease_lines[0]["worker_id"] == "gpu-7", lease_lines
+    assert lease_lines[0]["trial_id"] == leased.json()["trial_id"] and lease_lines[0]["study_id"] == study_id
     assert len({e["message"] for e in entries if e["message"].startswith("Started server process")}) == 2, \
         "both processes log through tunefleet's handler"
