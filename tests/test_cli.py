@@ -232,3 +232,25 @@ def test_dashboard_opens_a_bare_postgresql_url(pg_url: str, tmp_path: Path) -> N
         if proc.poll() is None:
             proc.terminate()
             proc.wait(20)
+
+
+def test_study_create_wait_follows_the_study_to_its_end(server: LiveServer, tmp_path: Path) -> None:
+    import threading
+
+    from tunefleet.service.client import Client
+    from tunefleet.workers.loop import WorkerLoop
+    from tunefleet.workers.simulated import SimulatedTrainer
+
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(study_spec("cli-wait", budget={"max_trials": 3}, baseline=None)))
+    with Client(server.url) as client:
+        loop = WorkerLoop(client, SimulatedTrainer(seconds_per_rung=0.2), worker_id="w", device="cpu", once=False,
+                          idle_sleep=0.1, workdir=tmp_path / "w")
+        worker = threading.Thread(target=loop.run, daemon=True)
+        worker.start()
+        try:
+            output = _run(server, "study", "create", str(spec_file), "--wait", "--interval", "0.2")
+        finally:
+            loop.request_shutdown()
+            worker.join(30)
+    assert "cli-wait" in output and "completed" in output

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from tests.conftest import LiveServer, study_spec
-from tunefleet.demo import _elapsed, _progress
+from tunefleet.progress import elapsed as _elapsed
+from tunefleet.progress import study_progress as _progress
 from tunefleet.service.client import Client
 
 

@@ -25,6 +25,7 @@ from tunefleet.cli.render import (
     state_markup,
     trial_value,
 )
+from tunefleet.progress import study_progress
 from tunefleet.service.client import Client
 
 FINAL_STUDY_STATES = ("completed", "stopped")
@@ -61,8 +62,12 @@ def _wait_for_study(ctx: typer.Context, study_id: int, interval: float) -> None:
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(progress_text(study), total=study.get("max_trials"))
         while True:
-            progress.update(task, completed=study.get("trials_used", 0), total=study.get("max_trials"),
-                            description=progress_text(study))
+            # Running trials move the bar by their last rung and name their progress, so a long trial
+            # does not look like a stuck study.
+            running = client.list_trials(study_id, state="RUNNING", limit=1000)["items"]
+            completed, detail = study_progress(study, running, study.get("max_trials") or 1)
+            progress.update(task, completed=completed, total=study.get("max_trials"),
+                            description=f"{study.get('name')} [{study.get('state')}] {detail}")
             if study.get("state") in FINAL_STUDY_STATES:
                 break
             time.sleep(interval)

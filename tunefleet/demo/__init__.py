@@ -21,6 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tunefleet.progress import study_progress
+
 __all__ = ["run_demo"]
 
 console = Console()
@@ -95,53 +97,11 @@ def _follow(client: Any, study_id: int, trials: int, procs: list[subprocess.Pope
                 if t["state"] in ("COMPLETE", "PRUNED", "FAIL") and t["id"] not in seen:
                     seen.add(t["id"])
                     progress.console.print(_trial_line(t))
-            completed, description = _progress(study, trial_list, trials)
+            completed, description = study_progress(study, trial_list, trials)
             progress.update(task, completed=completed, description=description)
             if study["state"] != "running" or all(p.poll() is not None for p in procs):
                 return study
             time.sleep(1.0)
-
-
-def _progress(study: dict[str, Any], trials: list[dict[str, Any]], total: int,
-              now: datetime | None = None) -> tuple[float, str]:
-    """The bar's position and its text.
-
-    A trial can train for many minutes between reports, so a bar that moved only when trials end would
-    look stuck: each running trial counts for the fraction of its budget at its last rung, and the text
-    names every running trial with that rung, its value and how long it has run (which changes on every
-    poll). Workers report nothing between rungs, so nothing finer is known.
-    """
-    c = study["counts"]
-    running = sorted((t for t in trials if t["state"] == "RUNNING"), key=lambda t: t["number"])
-    finished = study["trials_used"] - c["running"]
-    partial = sum(max(map(int, t.get("intermediate_values") or {}), default=0) / 100 for t in running)
-    text = f"{c['running']} running, {c['pruned']} pruned, {c['complete']} complete"
-    if running:
-        text += " | " + "; ".join(_running_trial(t, now) for t in running)
-    return min(finished + partial, total), text
-
-
-def _running_trial(t: dict[str, Any], now: datetime | None = None) -> str:
-    """`#3 at 20%: 0.41, 2m05s`: a running trial's number, last rung and value, and time since it started."""
-    rungs = t.get("intermediate_values") or {}
-    last = max(rungs, key=int, default=None)
-    where = f"at {last}%: {rungs[last]:.2f}" if last is not None else "before its first rung"
-    return f"#{t['number']} {where}, {_elapsed(t.get('datetime_start'), now)}"
-
-
-def _elapsed(start: str | None, now: datetime | None = None) -> str:
-    """`45s`, `2m05s` or `1h02m` since `start` (ISO time from the server); `?` when unknown."""
-    if not start:
-        return "?"
-    began = datetime.fromisoformat(start.replace("Z", "+00:00"))  # Python 3.10 reads no "Z"
-    # The server answers with offsets; a naive time (an older server) is this machine's local time.
-    now = now or (datetime.now(timezone.utc) if began.tzinfo else datetime.now())
-    seconds = max(0, int((now - began).total_seconds()))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _trial_line(t: dict[str, Any]) -> str:
