@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from tunefleet.service.config import Settings
-from tunefleet.service.db import make_engine, transaction
+from tunefleet.service.db import check_database, make_engine, transaction
 from tunefleet.service.errors import AuthError, Conflict, Forbidden, InvalidInput, NotFound
 from tunefleet.service.tables import Grant, Lease, Project, Token, utcnow
 
@@ -85,15 +86,19 @@ def _grants(session: Session, role: str, projects: Mapping[str, str]) -> list[tu
 
 def project_id(session: Session, name: str) -> int:
     """The id of the project called `name`; NotFound (with how to create it) when there is none."""
-    found = session.scalar(sa.select(Project.id).where(Project.name == name))
+    found = _find_project(session, name)
     if found is None:
         raise NotFound(f"project {name!r} does not exist: an admin creates it with `tunefleet project create {name}`")
     return found
 
 
+def _find_project(session: Session, name: str) -> int | None:
+    return session.scalar(sa.select(Project.id).where(Project.name == name))
+
+
 def create_project(session: Session, name: str) -> Project:
     """A new project; Conflict when the name is taken."""
-    if session.scalar(sa.select(Project.id).where(Project.name == name)) is not None:
+    if _find_project(session, name) is not None:
         raise Conflict(f"project {name!r} exists already")
     row = Project(name=name)
     session.add(row)
@@ -101,32 +106,31 @@ def create_project(session: Session, name: str) -> Project:
     return row
 
 
+@contextlib.contextmanager
+def _direct_session(settings: Settings) -> Iterator[Session]:
+    """One transaction on the configured database, checked first, without a server (the CLI's admin
+    commands: the first admin token must be made before any server can check one)."""
+    engine = make_engine(settings.resolved_database_url, settings)
+    try:
+        check_database(engine)
+        with transaction(sessionmaker(engine)) as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
 def create_token(settings: Settings, name: str, role: str, projects: Mapping[str, str] | None = None) -> str:
     """Create a token (with grants: project name -> read or write) directly in the database, as
     `tunefleet token create` does, so the first admin token can be made; returns the secret."""
-    engine = make_engine(settings.resolved_database_url, settings)
-    try:
-        from tunefleet.service.db import check_database
-
-        check_database(engine)
-        with transaction(sessionmaker(engine)) as session:
-            _, plain = issue_token(session, name, role, projects)
-        return plain
-    finally:
-        engine.dispose()
+    with _direct_session(settings) as session:
+        _, plain = issue_token(session, name, role, projects)
+    return plain
 
 
 def add_project(settings: Settings, name: str) -> int:
     """Create a project directly in the database, as `tunefleet project create` does; returns its id."""
-    engine = make_engine(settings.resolved_database_url, settings)
-    try:
-        from tunefleet.service.db import check_database
-
-        check_database(engine)
-        with transaction(sessionmaker(engine)) as session:
-            return create_project(session, name).id
-    finally:
-        engine.dispose()
+    with _direct_session(settings) as session:
+        return create_project(session, name).id
 
 
 def revoke_token(session: Session, token_id: int) -> None:
@@ -163,12 +167,12 @@ LEASE_TOKEN_HEADER = "X-Lease-Token"
 def new_lease_token() -> tuple[str, str]:
     """A lease token and the SHA-256 stored for it."""
     token = secrets.token_urlsafe(32)
-    return token, hashlib.sha256(token.encode()).hexdigest()
+    return token, hash_token(token)
 
 
 def check_lease_token(record: Lease, token: str | None) -> None:
     """Raise Forbidden unless `token` is the lease token of `record` (compared in constant time)."""
-    given = hashlib.sha256(token.encode()).hexdigest() if token else ""
+    given = hash_token(token) if token else ""
     if not token or record.token_hash is None or not hmac.compare_digest(given, record.token_hash):
         what = "without a lease token" if not token else "with another lease's token"
         raise Forbidden(f"trial {record.trial_id} is leased to worker {record.worker_id!r}; this call came {what}. "

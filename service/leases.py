@@ -166,22 +166,24 @@ def _locked_lease(backend: Backend, trial_id: int, token: str | None,
                   holder_only: bool = True) -> Iterator[tuple[Session, Lease, StudyRuntime]]:
     """The trial's lease row, locked; with `holder_only`, Forbidden unless `token` is its lease token."""
     with backend.trial_lock(trial_id), backend.session() as session:
-        record = session.get(Lease, trial_id, with_for_update=backend.is_postgres)
-        if record is None:
-            raise NotFound(f"trial {trial_id} has no lease: lease trials with POST /api/v1/leases")
+        record = _lease_row(session, trial_id, lock=backend.is_postgres)
         if holder_only:
             check_lease_token(record, token)
         yield session, record, backend.runtime(record.study_id)
+
+
+def _lease_row(session: Session, trial_id: int, lock: bool = False) -> Lease:
+    record = session.get(Lease, trial_id, with_for_update=lock)
+    if record is None:
+        raise NotFound(f"trial {trial_id} has no lease: lease trials with POST /api/v1/leases")
+    return record
 
 
 def require_holder(backend: Backend, trial_id: int, token: str | None) -> None:
     """Forbidden unless `token` is the trial's lease token; NotFound without a lease. A cheap check before
     a long upload; the write itself checks again under the trial's lock."""
     with backend.session() as session:
-        record = session.get(Lease, trial_id)
-        if record is None:
-            raise NotFound(f"trial {trial_id} has no lease: lease trials with POST /api/v1/leases")
-        check_lease_token(record, token)
+        check_lease_token(_lease_row(session, trial_id), token)
 
 
 def heartbeat(backend: Backend, trial_id: int, token: str | None, worker_id: str = "") -> HeartbeatOut:

@@ -198,8 +198,7 @@ def check_study_access(backend: Backend, principal: Principal, study_id: int, wr
 def check_trial_access(backend: Backend, principal: Principal, trial_id: int) -> None:
     """NotFound unless the trial exists and `principal` may see its study."""
     with backend.session() as session:
-        lease = session.get(Lease, trial_id)
-    study_id = lease.study_id if lease else _study_id_of_trial(backend, trial_id)
+        study_id = _study_id_of_trial(backend, session, trial_id)
     try:
         check_study_access(backend, principal, study_id)
     except NotFound:
@@ -371,15 +370,16 @@ def list_trials(backend: Backend, study_id: int, state: str | None, limit: int, 
 
 def get_trial(backend: Backend, trial_id: int) -> TrialOut:
     with backend.session() as session:
-        lease = session.get(Lease, trial_id)
-        study_id = lease.study_id if lease else _study_id_of_trial(backend, trial_id)
-        runtime = _current(backend, study_id)
+        runtime = _current(backend, _study_id_of_trial(backend, session, trial_id))
         t = backend.storage.get_trial(trial_id)
         return _trial_view(t, runtime.id, *_trial_extras(session, [trial_id]))
 
 
-def _study_id_of_trial(backend: Backend, trial_id: int) -> int:
-    """Waiting trials have no lease yet: ask Optuna which study holds them."""
+def _study_id_of_trial(backend: Backend, session: Session, trial_id: int) -> int:
+    """The study of a trial: its lease's, or (a waiting trial has no lease yet) Optuna's; NotFound."""
+    lease = session.get(Lease, trial_id)
+    if lease is not None:
+        return lease.study_id
     study_id = study_id_of_trial(backend.engine, trial_id)
     if study_id is None:
         raise NotFound(f"trial {trial_id} does not exist")

@@ -129,6 +129,17 @@ def server(pg_url: str, tmp_path: Path) -> Iterator[LiveServer]:
         yield live
 
 
+@pytest.fixture
+def secured(pg_url: str, tmp_path: Path) -> Iterator[tuple[LiveServer, dict[str, str]]]:
+    """A live server with auth on, on a fresh PostgreSQL database, and one token of each role."""
+    from tunefleet.service.auth import create_token
+
+    settings = make_settings(pg_url, tmp_path, auth=True)
+    tokens = {role: create_token(settings, f"{role}-token", role) for role in ("admin", "user", "worker")}
+    with LiveServer(settings) as live:
+        yield live, tokens
+
+
 def study_spec(name: str = "study", **overrides: object) -> dict:
     """A valid spec for the simulated worker (no model is loaded; the names only need to validate)."""
     spec: dict = {

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import LiveServer, make_settings, study_spec
+from tests.conftest import LiveServer, study_spec
 from tunefleet.service.api.app import run_server
-from tunefleet.service.auth import create_token
 from tunefleet.service.config import get_settings
-
-
-@pytest.fixture
-def secured(pg_url: str, tmp_path: Path) -> Iterator[tuple[LiveServer, dict[str, str]]]:
-    settings = make_settings(pg_url, tmp_path, auth=True)
-    tokens = {role: create_token(settings, f"{role}-token", role) for role in ("admin", "user", "worker")}
-    with LiveServer(settings) as live:
-        yield live, tokens
 
 
 def _client(live: LiveServer, token: str | None = None) -> httpx.Client:

@@ -10,11 +10,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
@@ -35,14 +33,6 @@ def _scrape(url: str, token: str | None = None) -> dict[tuple[str, frozenset[tup
 
 def _finished(url: str, state: str) -> float:
     return _scrape(url).get(("tunefleet_trials_finished_total", frozenset({("state", state)})), 0.0)
-
-
-@pytest.fixture
-def secured(pg_url: str, tmp_path: Path) -> Iterator[tuple[LiveServer, dict[str, str]]]:
-    settings = make_settings(pg_url, tmp_path, auth=True)
-    tokens = {role: create_token(settings, f"{role}-token", role) for role in ("admin", "user", "worker")}
-    with LiveServer(settings) as live:
-        yield live, tokens
 
 
 # -- 1. /metrics needs a token when auth is on ------------------------------------------------------------

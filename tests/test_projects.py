@@ -116,24 +116,20 @@ def test_projects_and_grants_are_managed_by_admins(team: Team) -> None:
 
 
 def test_the_migration_puts_existing_studies_and_users_in_the_default_project(pg_url: str, tmp_path: Path) -> None:
-    from alembic import command
+    from tunefleet.service.db import migrate, upgrade_database
 
-    from tunefleet.service.db import _alembic_config, upgrade_database
-
-    settings = Settings(database_url=pg_url, home=tmp_path)
-    upgrade_database(settings)
+    upgrade_database(Settings(database_url=pg_url, home=tmp_path))
     engine = make_engine(pg_url)
     try:
+        migrate(engine, "0002", down=True)
         with engine.begin() as conn:
-            cfg = _alembic_config(pg_url)
-            cfg.attributes["connection"] = conn
-            command.downgrade(cfg, "0002")
             conn.execute(sa.text("INSERT INTO tf_studies (id, name, spec, state, created_at, updated_at) VALUES "
                                  "(7, 'old', '{}', 'completed', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
             conn.execute(sa.text("INSERT INTO tf_tokens (name, role, token_hash, created_at) VALUES "
                                  "('old-user', 'user', 'h1', CURRENT_TIMESTAMP), "
                                  "('old-worker', 'worker', 'h2', CURRENT_TIMESTAMP)"))
-            command.upgrade(cfg, "head")
+        migrate(engine)
+        with engine.begin() as conn:
             assert conn.execute(sa.text("SELECT name FROM tf_projects")).scalars().all() == ["default"]
             assert conn.execute(sa.text("SELECT project_id FROM tf_studies WHERE id = 7")).scalar_one() == 1
             grants = conn.execute(sa.text("SELECT t.name, g.access FROM tf_grants g JOIN tf_tokens t "

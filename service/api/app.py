@@ -31,8 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tunefleet import __version__
 from tunefleet.service.api import metrics, projects, studies, tokens, trials
-from tunefleet.service.api.deps import RETRY_AFTER_SECONDS, errors
-from tunefleet.service.auth import authenticate
+from tunefleet.service.api.deps import RETRY_AFTER_SECONDS, errors, principal_for
 from tunefleet.service.backend import Backend
 from tunefleet.service.config import Settings, get_settings, is_loopback
 from tunefleet.service.db import check_database
@@ -228,14 +227,6 @@ def configure_logging(settings: Settings) -> None:
 # ---- the application -------------------------------------------------------------------------------------
 
 
-def _require_token(backend: Backend, header: str | None) -> None:
-    """AuthError (401) unless `header` carries a valid token, of any role."""
-    if backend.principals.get(header) is None:
-        with backend.session() as session:
-            principal = authenticate(session, header)
-        backend.principals.put(header, principal)
-
-
 # ---- error answers ---------------------------------------------------------------------------------------
 # One body for every error answer (service/schemas.py): a 422 is {"detail": [{"loc", "msg", "type"}, ...]},
 # every other status {"detail": "message"}. A database that is away (unreachable, dropped, out of
@@ -406,7 +397,7 @@ def create_app(settings: Settings | None = None, *, auth_enabled: bool | None = 
     def prometheus(request: Request) -> Response:
         backend: Backend = request.app.state.backend
         if request.app.state.metrics_auth:
-            _require_token(backend, request.headers.get("authorization"))
+            principal_for(backend, request.headers.get("authorization"))  # AuthError (401) without a valid token
         try:
             metrics.ACTIVE_LEASES.set(backend.active_leases())
         except DatabaseNotReady as exc:

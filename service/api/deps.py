@@ -13,7 +13,7 @@ from tunefleet.service.backend import Backend
 from tunefleet.service.schemas import ErrorOut, ValidationErrorOut
 
 __all__ = ["RETRY_AFTER_SECONDS", "Admin", "BackendDep", "LeaseToken", "Reader", "UserOrAdmin", "WorkerOrAdmin",
-           "errors"]
+           "errors", "principal_for"]
 
 
 def get_backend(request: Request) -> Backend:
@@ -29,10 +29,9 @@ _BEARER = HTTPBearer(auto_error=False, description="an API token (`tunefleet tok
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
 
 
-def get_principal(request: Request, backend: BackendDep, _: Bearer) -> Principal:
-    if not request.app.state.auth_enabled:
-        return ANONYMOUS_ADMIN
-    header = request.headers.get("authorization")
+def principal_for(backend: Backend, header: str | None) -> Principal:
+    """Who an Authorization header names, from the identity cache or the database; AuthError (401) when no
+    valid token."""
     cached = backend.principals.get(header)
     if cached is not None:
         return cached
@@ -40,6 +39,12 @@ def get_principal(request: Request, backend: BackendDep, _: Bearer) -> Principal
         principal = authenticate(session, header)
     backend.principals.put(header, principal)
     return principal
+
+
+def get_principal(request: Request, backend: BackendDep, _: Bearer) -> Principal:
+    if not request.app.state.auth_enabled:
+        return ANONYMOUS_ADMIN
+    return principal_for(backend, request.headers.get("authorization"))
 
 
 def _role(*roles: str) -> Any:

@@ -60,7 +60,7 @@ def worker(
         raise typer.Exit(run_worker_fleet(url, token, indices, options))
     device = device or ("cuda:0" if visible_gpus() else "cpu")
     run_worker(url, token, device=device, worker_id=worker_id, max_trials=max_trials, once=once,
-                    simulated=simulated, workdir=workdir, idle_sleep=idle_sleep, log_level=log_level)
+               simulated=simulated, workdir=workdir, idle_sleep=idle_sleep, log_level=log_level)
 
 
 def _token_from_argv(ctx: typer.Context) -> bool:
