@@ -19,11 +19,14 @@ from tunefleet.service.tables import Artifact, Lease, utcnow
 if TYPE_CHECKING:
     from tunefleet.service.backend import Backend
 
-__all__ = ["ArtifactStore", "artifact_path", "check_name_free", "clean_name", "list_artifacts", "record_artifact"]
+__all__ = ["CHECKPOINT_FOLDER", "ArtifactStore", "artifact_path", "check_name_free", "clean_name", "delete_checkpoints",
+           "find_artifact", "list_artifacts", "record_artifact"]
 
 MAX_PART_BYTES = 255  # a file or folder name on ext4, XFS, NFS
 MAX_NAME_BYTES = 500  # tf_artifacts.name is a VARCHAR(500)
 EXAMPLE = "e.g. adapter/model.bin"
+# Paused trials upload their rung checkpoints under this folder of the trial's artifacts.
+CHECKPOINT_FOLDER = "checkpoints"
 
 
 def name_problem(name: str) -> str | None:
@@ -178,3 +181,22 @@ def artifact_path(backend: Backend, trial_id: int, name: str) -> Path:
             raise NotFound(f"trial {trial_id} has no artifact {name!r}: "
                            f"list them with GET /trials/{trial_id}/artifacts")
         return Path(row.path)
+
+
+def find_artifact(session: Session, trial_id: int, name: str) -> Artifact | None:
+    return session.scalar(sa.select(Artifact).where(Artifact.trial_id == trial_id, Artifact.name == name))
+
+
+def delete_checkpoints(backend: Backend, trial_id: int, keep: str | None = None) -> int:
+    """Delete the trial's uploaded rung checkpoints (artifacts under `checkpoints/`) but `keep`; returns how many.
+    The records go first: a file left behind by a crash is unreferenced, never a record without its file."""
+    with backend.session() as session:
+        rows = session.scalars(sa.select(Artifact).where(
+            Artifact.trial_id == trial_id, Artifact.name.startswith(CHECKPOINT_FOLDER + "/"))).all()
+        doomed = [row for row in rows if row.name != keep]
+        paths = [Path(row.path) for row in doomed]
+        for row in doomed:
+            session.delete(row)
+    for path in paths:
+        path.unlink(missing_ok=True)
+    return len(paths)

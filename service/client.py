@@ -22,6 +22,7 @@ FastAPI app without a server use Starlette's test client, which is a sync `httpx
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 import uuid
@@ -350,12 +351,28 @@ class Client:
     def report(
         self, trial_id: int, step: int, value: float, metrics: Mapping[str, Any] | None = None, *,
         lease_token: str | None = None,
-    ) -> bool:
-        """POST /trials/{id}/reports at `step` (percent of the budget); True means prune now."""
+    ) -> str:
+        """POST /trials/{id}/reports at `step` (percent of the budget); the server's action: "continue",
+        "prune" (stop for good) or "pause" (store a checkpoint, then call `pause`)."""
         body = {"step": step, "value": value, "metrics": dict(metrics or {})}
         answer = self._json("POST", f"/trials/{trial_id}/reports", json=body,
                             headers=self._holder(trial_id, lease_token))
-        return bool(answer["prune"])
+        return str(answer.get("action") or ("prune" if answer["prune"] else "continue"))
+
+    def pause(self, trial_id: int, step: int, checkpoint: Mapping[str, Any] | None = None, *,
+              lease_token: str | None = None) -> dict[str, Any]:
+        """POST /trials/{id}/pause after a pause answer at `step`, once `checkpoint` is stored: `{step, sha256,
+        size, name}` for an uploaded artifact of the trial, `{step, sha256, node, path}` for a folder on a node;
+        None when there is none. Releases the lease; returns the Trial."""
+        body = {"step": step, "checkpoint": dict(checkpoint) if checkpoint else None}
+        return self._json("POST", f"/trials/{trial_id}/pause", json=body, headers=self._holder(trial_id, lease_token))
+
+    def download_artifact_to(self, trial_id: int, name: str, path: Path) -> str:
+        """GET /trials/{id}/artifacts/{name} into the file `path` (with this client's retries); returns the
+        file's SHA-256."""
+        content = self.request("GET", _artifact_path(trial_id, name)).content
+        path.write_bytes(content)
+        return hashlib.sha256(content).hexdigest()
 
     def complete(
         self,

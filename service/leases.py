@@ -1,4 +1,5 @@
-"""The worker protocol: lease a trial, heartbeat, report (prune or continue), complete, fail; and the reaper.
+"""The worker protocol: lease a trial, heartbeat, report (continue, prune or pause), pause, complete, fail; and
+the reaper.
 
 Ordering rule: inside one of our sessions, every Optuna call (tell, enqueue, reads too) comes before our
 own rows are flushed. On SQLite both engines share one file lock; our session holding it while an Optuna
@@ -15,6 +16,11 @@ worker and API token) returns the same trial with a fresh lease token (the first
 a retried report returns the stored answer, a retried complete or fail returns the trial as it is. State
 changes of one trial hold its lock (a process lock, and the lease row FOR UPDATE on PostgreSQL), so a
 report racing a reaper or a duplicate never changes a trial twice.
+
+Pausing (pruner `asha`, see scheduling.py): a report answered ``pause`` keeps the lease active until its
+holder has stored a checkpoint and called `pause`; the trial then holds no lease and no device and never
+expires. A lease request may resume it (the same trial, a new lease token, the checkpoint to start from).
+A holder that dies before `pause` leaves a trial that pauses at its previous complete checkpoint (or at 0).
 """
 
 from __future__ import annotations
@@ -32,16 +38,37 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from tunefleet.service.artifacts import delete_checkpoints, find_artifact
 from tunefleet.service.auth import Principal, check_lease_token, new_lease_token
 from tunefleet.service.backend import Backend, StudyRuntime
 from tunefleet.service.errors import Conflict, InvalidInput, LeaseLost, NotFound
-from tunefleet.service.schemas import CompleteIn, FailIn, HeartbeatOut, LeaseIn, LeaseOut, ReportIn, TrialOut
+from tunefleet.service.scheduling import PausedTrial, policy_for
+from tunefleet.service.schemas import (
+    CompleteIn,
+    FailIn,
+    HeartbeatOut,
+    LeaseIn,
+    LeaseOut,
+    PauseIn,
+    ReportIn,
+    ResumeOut,
+    TrialOut,
+)
+from tunefleet.service.spec import ReportAction, checkpoint_storage
 from tunefleet.service.storage import optuna_now, trial_storage_id, unleased_running_trials
-from tunefleet.service.studies import aware, get_trial, maybe_complete, retried_trial_ids, usage
+from tunefleet.service.studies import (
+    aware,
+    get_trial,
+    maybe_complete,
+    paused_trials,
+    retried_trial_ids,
+    usage,
+)
 from tunefleet.service.tables import Lease, RungReport, Worker, utcnow
 from tunefleet.service.tables import Study as StudyRow
 
-__all__ = ["complete", "fail", "heartbeat", "lease", "reap_expired", "reap_orphans", "report", "require_holder"]
+__all__ = ["complete", "fail", "heartbeat", "lease", "pause", "reap_expired", "reap_orphans", "report",
+           "require_holder"]
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -76,7 +103,7 @@ def lease(backend: Backend, body: LeaseIn, principal: Principal) -> LeaseOut | N
             runtime = backend.runtime(study_id)
         except NotFound:
             continue  # deleted meanwhile
-        leased = _lease_from(backend, runtime, body, principal)
+        leased = _resume_from(backend, runtime, body, principal) or _lease_from(backend, runtime, body, principal)
         if leased is not None:
             return leased
     return None
@@ -148,14 +175,73 @@ def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn, principa
     return _lease_out(backend, record, token)
 
 
+def _resume_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn, principal: Principal) -> LeaseOut | None:
+    """A lease of the paused trial the study's policy promotes now, for this worker; None when there is none.
+    Under the study's ask lock, like `ask`: two workers never resume the same trial."""
+    policy = policy_for(runtime.spec)
+    if policy is None:
+        return None
+    with backend.ask_lock(runtime):
+        with backend.session() as session:
+            row = session.get(StudyRow, runtime.id)
+            if row is None or row.state != "running":
+                return None
+            paused = paused_trials(session, runtime.id)
+            if not paused:
+                return None
+            backend.storage.sync(runtime.id)
+            trials = runtime.study.get_trials(deepcopy=False)
+            use = usage(session, runtime, trials)
+            b = runtime.spec.budget
+            if (b.max_concurrent_trials is not None and use.active >= b.max_concurrent_trials) or (
+                    b.max_gpu_hours is not None and use.gpu_hours >= b.max_gpu_hours):
+                return None
+            # A checkpoint on a node's disk is resumed on that node only.
+            mine = [PausedTrial(tid, step) for tid, step, ckpt in paused
+                    if (ckpt or {}).get("node") in (None, body.hostname)]
+            trial_id = policy.next_resume(trials, mine, can_start_new=use.has_room(runtime.spec),
+                                          any_active=use.active > 0)
+        if trial_id is None:
+            return None
+        token, token_hash = new_lease_token()
+        try:
+            with backend.session() as session:
+                record = session.get(Lease, trial_id, with_for_update=backend.is_postgres)
+                if record is None or record.state != "paused":
+                    return None
+                now = utcnow()
+                record.held_seconds += (aware(record.finished_at or now) - aware(record.started_at)).total_seconds()
+                record.state, record.worker_id, record.request_id = "active", body.worker_id, body.request_id
+                record.token_hash, record.owner_token_id = token_hash, principal.token_id
+                record.started_at, record.finished_at, record.deadline = now, None, lease_deadline(backend)
+                record.promoted_through, record.resumes = record.paused_at or 0, record.resumes + 1
+                session.execute(sa.update(StudyRow).where(StudyRow.id == runtime.id).values(last_leased_at=now))
+                session.execute(sa.update(Worker).where(Worker.id == body.worker_id)
+                                .values(trials_leased=Worker.trials_leased + 1))
+        except IntegrityError:
+            return None  # this worker's request_id is on another lease: a retry raced; ask again
+    backend.storage.set_trial_user_attr(trial_id, "paused_at", None)
+    log.info("trial %s (study %s) resumed by %s from rung %s (checkpoint at %s)", trial_id, runtime.name,
+             body.worker_id, record.paused_at, (record.checkpoint or {}).get("step", 0), extra=_ids(record))
+    return _lease_out(backend, record, token)
+
+
 def _lease_out(backend: Backend, record: Lease, token: str) -> LeaseOut:
     runtime = backend.runtime(record.study_id)
     t = backend.storage.get_trial(record.trial_id)
+    spec = runtime.spec.model_dump(mode="json")
+    storage = checkpoint_storage(spec, t.params) if policy_for(runtime.spec) else "none"
+    resume = None
+    if record.resumes:
+        checkpoint = record.checkpoint
+        resume = ResumeOut(step=int(checkpoint["step"]) if checkpoint else 0,
+                           promoted_through=record.promoted_through, checkpoint=checkpoint)
     return LeaseOut(
         trial_id=record.trial_id, lease_token=token, study_id=runtime.id, study_name=runtime.name, number=t.number,
-        attempt=record.attempt, params=t.params, spec=runtime.spec.model_dump(mode="json"), rungs=runtime.rungs,
+        attempt=record.attempt, params=t.params, spec=spec, rungs=runtime.rungs,
         is_baseline=bool(t.user_attrs.get("is_baseline")), deadline=record.deadline,
         lease_seconds=backend.settings.lease_seconds, heartbeat_interval=max(1.0, backend.settings.lease_seconds / 6),
+        checkpoint_storage=storage, resume=resume,
     )
 
 
@@ -200,46 +286,98 @@ def heartbeat(backend: Backend, trial_id: int, token: str | None, worker_id: str
         return HeartbeatOut(stop=False, deadline=record.deadline)
 
 
-def report(backend: Backend, trial_id: int, token: str | None, body: ReportIn) -> bool:
-    """Record an intermediate value and return the pruner's answer (the stored one on a retry)."""
+def report(backend: Backend, trial_id: int, token: str | None, body: ReportIn) -> ReportAction:
+    """Record an intermediate value and answer continue, prune or pause (the stored answer on a retry)."""
     if not math.isfinite(body.value):
         raise InvalidInput(f"report value {body.value} is not finite: fail the trial instead "
                            "(POST /trials/{id}/fail with the reason)")
     with _locked_lease(backend, trial_id, token) as (session, record, runtime):
-        answered = sa.select(RungReport.step, RungReport.prune).where(RungReport.trial_id == trial_id)
-        answers = dict(session.execute(answered).all())
+        answered = sa.select(RungReport.step, RungReport.action).where(RungReport.trial_id == trial_id)
+        answers: dict[int, str] = {step: action for step, action in session.execute(answered)}
         if body.step in answers:
-            return answers[body.step]
+            if body.step <= record.promoted_through:
+                return "continue"  # a resumed trial re-running rungs it was promoted past
+            return _action(answers[body.step])
         if record.state == "pruned":
-            return True
+            return "prune"
         if record.state != "active":
             raise LeaseLost(f"trial {trial_id} is {record.state}; its reports are closed: lease a new trial")
-        prune = False
+        action: ReportAction = "continue"
         if not runtime.spec.multi_objective:
             if backend.reports_handled.get(trial_id, 0) != len(answers):
                 # An earlier report went to another server process: our copy of the trial lags behind.
                 backend.storage.reload_trial(trial_id)
             trial = optuna.Trial(runtime.study, trial_id)  # a fresh snapshot per request, never cached
             trial.report(body.value, body.step)
-            # The baseline always runs to the end, so "tuned vs default" is always measurable on test.
-            prune = not trial.user_attrs.get("is_baseline") and trial.should_prune()
-        if prune:
+            action = _decide(backend, runtime, trial, body.step)
+        if action == "prune":
             runtime.study.tell(trial.number, state=TrialState.PRUNED)
             record.state, record.finished_at = "pruned", utcnow()
         session.add(RungReport(trial_id=trial_id, step=body.step, value=body.value, metrics=body.metrics,
-                               prune=prune))
+                               prune=action == "prune", action=action))
         # Set before the commit: a failed commit leaves a count that differs next time, hence a re-read.
-        if prune:
+        if action == "prune":
             backend.reports_handled.pop(trial_id, None)
         else:
             backend.reports_handled[trial_id] = len(answers) + 1
         record.deadline = lease_deadline(backend)  # any call from the worker shows it is alive
-        if prune:
-            log.info("trial %s pruned at %s%% (value %.4g)", trial_id, body.step, body.value, extra=_ids(record))
-    if prune:
+        if action != "continue":
+            log.info("trial %s: %s at %s%% (value %.4g)", trial_id, action, body.step, body.value, extra=_ids(record))
+    if action == "prune":
         backend.on_trial_finished("pruned")  # once: a retry or a later report returned above, unchanged
+        delete_checkpoints(backend, trial_id)
         maybe_complete(backend, runtime)
-    return prune
+    return action
+
+
+def _decide(backend: Backend, runtime: StudyRuntime, trial: optuna.Trial, step: int) -> ReportAction:
+    """The answer to a new report of a single-objective trial (already reported to Optuna)."""
+    # The baseline always runs to the end, so "tuned vs default" is always measurable on test.
+    if trial.user_attrs.get("is_baseline"):
+        return "continue"
+    policy = policy_for(runtime.spec)
+    if policy is None:
+        return "prune" if trial.should_prune() else "continue"
+    action = policy.answer(runtime.study.get_trials(deepcopy=False), trial_storage_id(trial), step)
+    if action == "pause" and checkpoint_storage(runtime.spec.model_dump(mode="json"), trial.params) == "none":
+        return "prune"  # checkpoints.storage: none never pauses
+    return action
+
+
+def _action(stored: str) -> ReportAction:
+    return "prune" if stored == "prune" else "pause" if stored == "pause" else "continue"
+
+
+def pause(backend: Backend, trial_id: int, token: str | None, body: PauseIn) -> TrialOut:
+    """The holder stored its checkpoint after a pause answer: release the lease, the trial waits paused.
+    A repeat returns the trial as it is; the previous uploaded checkpoint is deleted (keep: final)."""
+    with _locked_lease(backend, trial_id, token) as (session, record, runtime):
+        if record.state == "paused" and record.paused_at == body.step:
+            return get_trial(backend, trial_id)
+        if record.state != "active":
+            raise LeaseLost(f"trial {trial_id} is {record.state}{_reason(record)}; it was not paused")
+        answer = session.get(RungReport, (trial_id, body.step))
+        if answer is None or answer.action != "pause":
+            raise Conflict(f"trial {trial_id}'s report at step {body.step} was not answered pause: pause only "
+                           "after a report's action is pause")
+        checkpoint = body.checkpoint.model_dump(exclude_none=True) if body.checkpoint else None
+        if body.checkpoint and body.checkpoint.name:
+            stored = find_artifact(session, trial_id, body.checkpoint.name)
+            if stored is None or stored.sha256 != body.checkpoint.sha256:
+                msg = (f"checkpoint {body.checkpoint.name!r} of trial {trial_id} is not uploaded with SHA-256 "
+                       f"{body.checkpoint.sha256}: upload it (PUT /trials/{trial_id}/artifacts/{{name}}) first")
+                raise InvalidInput(msg, [{"loc": ["body", "checkpoint"], "msg": msg, "type": "value_error"}])
+        previous = (record.checkpoint or {}).get("name")
+        backend.storage.set_trial_user_attr(trial_id, "paused_at", body.step)  # Optuna first (ordering rule)
+        record.state, record.paused_at, record.finished_at = "paused", body.step, utcnow()
+        record.checkpoint = checkpoint or record.checkpoint
+        backend.reports_handled.pop(trial_id, None)
+        log.info("trial %s paused at %s%% (checkpoint %s)", trial_id, body.step,
+                 (checkpoint or {}).get("name") or (checkpoint or {}).get("path"), extra=_ids(record))
+    if previous and runtime.spec.checkpoints.keep == "final" and previous != (checkpoint or {}).get("name"):
+        delete_checkpoints(backend, trial_id, keep=(checkpoint or {}).get("name"))
+    maybe_complete(backend, runtime)
+    return get_trial(backend, trial_id)
 
 
 def complete(backend: Backend, trial_id: int, token: str | None, body: CompleteIn) -> TrialOut:
@@ -248,20 +386,24 @@ def complete(backend: Backend, trial_id: int, token: str | None, body: CompleteI
         t = backend.storage.get_trial(trial_id)
         if record.state == "active" and t.state == TrialState.COMPLETE:
             record.state = "complete"  # told before a crash, recorded now
-        if record.state == "complete":
-            return get_trial(backend, trial_id)
-        if record.state != "active":
+        told_now = record.state == "active"
+        if told_now:
+            values = _values(runtime, body)
+            for key, value in (("validation_metrics", body.validation_metrics),
+                               ("test_metrics", body.test_metrics), ("extra", body.extra)):
+                backend.storage.set_trial_user_attr(trial_id, key, value)
+            runtime.study.tell(t.number, values)
+            record.state, record.finished_at = "complete", utcnow()
+            backend.reports_handled.pop(trial_id, None)
+            log.info("trial %s complete: %s", trial_id, values, extra=_ids(record))
+        elif record.state != "complete":
             raise LeaseLost(f"trial {trial_id} is {record.state}{_reason(record)}; the result was not recorded")
-        values = _values(runtime, body)
-        for key, value in (("validation_metrics", body.validation_metrics), ("test_metrics", body.test_metrics),
-                           ("extra", body.extra)):
-            backend.storage.set_trial_user_attr(trial_id, key, value)
-        runtime.study.tell(t.number, values)
-        record.state, record.finished_at = "complete", utcnow()
-        backend.reports_handled.pop(trial_id, None)
-        log.info("trial %s complete: %s", trial_id, values, extra=_ids(record))
-    backend.on_trial_finished("complete")  # a repeat returned above, unchanged
-    maybe_complete(backend, runtime)
+    if runtime.spec.checkpoints.keep == "final":
+        # Also on a repeat: a fault may have come between the tell and this. The final model stays.
+        delete_checkpoints(backend, trial_id)
+    if told_now:
+        backend.on_trial_finished("complete")  # once: a repeat is told nothing
+        maybe_complete(backend, runtime)
     return get_trial(backend, trial_id)
 
 
@@ -288,6 +430,8 @@ def fail(backend: Backend, trial_id: int, token: str | None, body: FailIn) -> Tr
             _fail_and_maybe_requeue(backend, session, record, runtime, body.reason, body.retryable, "failed")
     if failed_now:
         backend.on_trial_finished("fail")
+        if runtime.spec.checkpoints.keep == "final":
+            delete_checkpoints(backend, trial_id)
     maybe_complete(backend, runtime)
     return get_trial(backend, trial_id)
 
@@ -347,12 +491,35 @@ def reap_expired(backend: Backend) -> int:
                     continue  # finished or heartbeated meanwhile
                 reason = (f"lease expired: worker {record.worker_id} sent no heartbeat for {late:.0f} s "
                           "after its deadline")
-                _fail_and_maybe_requeue(backend, session, record, runtime, reason, True, "expired")
+                pausing_at = _pausing_at(session, record)
+                if pausing_at is not None:
+                    _pause_expired(backend, record, pausing_at, reason)
+                else:
+                    _fail_and_maybe_requeue(backend, session, record, runtime, reason, True, "expired")
                 reaped += 1
             maybe_complete(backend, runtime)
         except NotFound:
             continue
     return reaped
+
+
+def _pausing_at(session: Session, record: Lease) -> int | None:
+    """The step of the trial's last report when it was answered pause (its holder died while storing the
+    checkpoint); None otherwise."""
+    last = session.execute(sa.select(RungReport.step, RungReport.action).where(RungReport.trial_id == record.trial_id)
+                           .order_by(RungReport.step.desc()).limit(1)).first()
+    return int(last[0]) if last is not None and last[1] == "pause" else None
+
+
+def _pause_expired(backend: Backend, record: Lease, step: int, reason: str) -> None:
+    """A holder that died between a pause answer and `pause`: the trial pauses at that rung, to be resumed from
+    its previous complete checkpoint (or from the start), as the policy decides."""
+    backend.storage.set_trial_user_attr(record.trial_id, "paused_at", step)
+    record.state, record.paused_at, record.finished_at = "paused", step, utcnow()
+    backend.reports_handled.pop(record.trial_id, None)
+    log.warning("trial %s paused at %s%% (%s); it resumes from %s", record.trial_id, step, reason,
+                f"its checkpoint at {record.checkpoint['step']}%" if record.checkpoint else "the start",
+                extra=_ids(record))
 
 
 def reap_orphans(backend: Backend) -> int:

@@ -9,10 +9,13 @@ from typing import Annotated, Any, ClassVar, Generic, Literal, NamedTuple, TypeV
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from tunefleet.service.spec import ReportAction
+
 __all__ = [
-    "ArtifactOut", "CompleteIn", "ErrorItem", "ErrorOut", "FailIn", "HeartbeatIn", "HeartbeatOut", "LeaseIn",
-    "LeaseOut", "Page", "Problem", "ReportIn", "ReportOut", "StudyOut", "TokenIn", "TokenOut", "TrialOut",
-    "ValidationErrorOut", "printable", "storable_problems", "storable_text", "text_problem",
+    "ArtifactOut", "CheckpointRef", "CompleteIn", "ErrorItem", "ErrorOut", "FailIn", "HeartbeatIn", "HeartbeatOut",
+    "LeaseIn", "LeaseOut", "Page", "PauseIn", "Problem", "ReportIn", "ReportOut", "ResumeOut", "StudyOut",
+    "TokenIn", "TokenOut", "TrialOut", "ValidationErrorOut", "printable", "storable_problems", "storable_text",
+    "text_problem",
 ]
 
 T = TypeVar("T")
@@ -201,6 +204,9 @@ class TrialOut(BaseModel):
     retry_of: int | None = None
     worker_id: str | None = None
     fail_reason: str | None = None
+    paused_at: int | None = Field(None, description="the rung (percent) a paused trial waits at; None unless "
+                                  "paused (a paused trial is RUNNING in Optuna)")
+    resumes: int = Field(0, description="how many times the trial was resumed from a checkpoint")
     datetime_start: OptunaTime | None = None
     datetime_complete: OptunaTime | None = None
 
@@ -230,6 +236,38 @@ class LeaseIn(_In):
     hostname: str = Field("", max_length=200)
 
 
+_SHA256 = r"^[0-9a-f]{64}$"
+
+
+class CheckpointRef(_In):
+    """Where a paused trial's checkpoint is: an uploaded artifact of the trial (`name`), or a folder on one
+    node's disk (`node`, `path`); `step` is the rung (percent) it was taken at."""
+
+    step: int = Field(ge=1, le=100)
+    sha256: str = Field(pattern=_SHA256, description="SHA-256 of the uploaded file, or of the node's folder")
+    size: int = Field(0, ge=0)
+    name: str | None = Field(None, min_length=1, max_length=500, description="the trial's artifact holding it")
+    node: str | None = Field(None, min_length=1, max_length=200, description="hostname of the node holding it")
+    path: str | None = Field(None, min_length=1, max_length=4096, description="its folder on that node")
+
+    @model_validator(mode="after")
+    def _one_place(self) -> CheckpointRef:
+        if (self.name is None) == (self.node is None) or (self.node is None) != (self.path is None):
+            raise ValueError("give either name (an uploaded artifact) or node and path (a folder on a node)")
+        return self
+
+
+class PauseIn(_In):
+    step: int = Field(ge=1, le=100, description="the rung (percent) whose report was answered pause")
+    checkpoint: CheckpointRef | None = Field(None, description="None: no checkpoint (a resume restarts at 0)")
+
+
+class ResumeOut(BaseModel):
+    step: int = Field(description="where training continues: the checkpoint's rung (percent), 0 to restart")
+    promoted_through: int = Field(description="reports up to this rung are answered continue")
+    checkpoint: dict[str, Any] | None = Field(None, description="the checkpoint to load (see CheckpointRef)")
+
+
 class LeaseOut(BaseModel):
     trial_id: int
     lease_token: str = Field(description="send it in the X-Lease-Token header of every call on this trial")
@@ -244,6 +282,10 @@ class LeaseOut(BaseModel):
     deadline: Moment
     lease_seconds: float
     heartbeat_interval: float
+    checkpoint_storage: Literal["upload", "node", "none"] = Field(
+        "none", description="where to keep a checkpoint when a report is answered pause (the spec's "
+        "checkpoints.storage, resolved for this trial)")
+    resume: ResumeOut | None = Field(None, description="set when the trial was paused: continue from here")
 
 
 class HeartbeatIn(_In):
@@ -265,7 +307,10 @@ class ReportIn(_In):
 
 
 class ReportOut(BaseModel):
-    prune: bool
+    action: ReportAction = Field(
+        description="continue training; prune (stop for good); pause (save a checkpoint, upload it, POST "
+        "/trials/{id}/pause, free the device: the trial may be resumed later, on any worker)")
+    prune: bool = Field(description="action == prune (for clients that predate pause)")
 
 
 class CompleteIn(_In):

@@ -8,7 +8,7 @@ Heavy imports (GP needs torch) happen only when that algorithm is used.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
@@ -63,8 +63,18 @@ def _random(spec: StudySpec) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=spec.search.seed)
 
 
+class _ServerGridSampler(optuna.samplers.GridSampler):
+    """GridSampler without its one `optimize`-only habit: once the grid is exhausted, its `after_trial` calls
+    `study.stop()`, which raises outside `Study.optimize` (the server tells trials from requests). A study here
+    ends when its budget is spent, as with any sampler."""
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: optuna.trial.TrialState,
+                    values: Sequence[float] | None) -> None:
+        pass
+
+
 def _grid_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.GridSampler(_grid(spec), seed=spec.search.seed)
+    return _ServerGridSampler(_grid(spec), seed=spec.search.seed)
 
 
 def _cmaes(spec: StudySpec) -> optuna.samplers.BaseSampler:
@@ -117,10 +127,19 @@ def _nop(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def _asha(spec: StudySpec) -> optuna.pruners.BasePruner:
+    # Asynchronous successive halving with promotions answers continue or pause itself
+    # (tunefleet.service.scheduling); Optuna's pruner stays out of the way.
+    if spec.search.pruner_options:
+        raise ValueError("asha takes no pruner_options: set min_resource, reduction_factor or rungs")
+    return optuna.pruners.NopPruner()
+
+
 PRUNERS: dict[PrunerName, Callable[[StudySpec], optuna.pruners.BasePruner]] = {
     "hyperband": _hyperband,
     "successive_halving": _successive_halving,
     "median": _median,
+    "asha": _asha,
     "none": _nop,
 }
 

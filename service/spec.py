@@ -17,22 +17,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "MULTI_OBJECTIVE_SAMPLERS",
+    "PAUSING_PRUNERS",
     "TASK_METRICS",
     "TRAINING_DEFAULTS",
     "TRAINING_PARAMS",
     "BudgetSpec",
     "CategoricalParam",
+    "CheckpointSpec",
+    "CheckpointStorage",
     "DataSpec",
     "FloatParam",
     "IntParam",
     "ObjectiveSpec",
     "ParamKind",
     "PrunerName",
+    "ReportAction",
     "SamplerName",
     "SearchSpec",
     "SpecError",
     "StudySpec",
     "TaskName",
+    "checkpoint_storage",
     "objectives_of",
     "validate_spec",
     "parse_spec_text",
@@ -43,7 +48,15 @@ __all__ = [
 TaskName = Literal["sequence-classification", "token-classification", "causal-lm"]
 # Keys of tunefleet.service.search.SAMPLERS / PRUNERS, the builders (tests/test_catalogues.py pins them).
 SamplerName = Literal["tpe", "gp", "random", "grid", "cmaes", "nsga2"]
-PrunerName = Literal["hyperband", "successive_halving", "median", "none"]
+PrunerName = Literal["hyperband", "successive_halving", "median", "asha", "none"]
+# Pruners that answer "pause" (the trial saves a checkpoint and frees its worker; it may be resumed later).
+PAUSING_PRUNERS: tuple[PrunerName, ...] = ("asha",)
+# The server's answer to a report: go on training, stop for good, or checkpoint and free the worker.
+ReportAction = Literal["continue", "prune", "pause"]
+# Where a paused trial's checkpoint lives: uploaded to the server's artifact store (any worker can resume it),
+# on the disk of the node that paused it (only that node's workers resume it), or nowhere (never pause:
+# a pause answer becomes a prune). "auto": upload for adapter methods, node for full fine-tuning.
+CheckpointStorage = Literal["auto", "upload", "node", "none"]
 ParamKind = Literal["str", "int", "float"]
 
 # Metrics each task's evaluation produces; an objective must name one of them. The workers' tasks
@@ -228,6 +241,26 @@ class SearchSpec(_Strict):
         return rungs
 
 
+class CheckpointSpec(_Strict):
+    storage: CheckpointStorage = Field(
+        "auto", description="where paused trials keep their checkpoint: upload (to the server's artifact store; "
+        "any worker resumes), node (the worker's disk; only that node resumes), none (never pause: prune "
+        "instead), auto (upload for LoRA-style methods, node for full fine-tuning)")
+    keep: Literal["final", "all"] = Field(
+        "final", description="final: delete a trial's rung checkpoints once it finishes (its final model stays "
+        "as its artifacts); all: keep every uploaded rung checkpoint")
+
+
+def checkpoint_storage(spec: Mapping[str, Any], params: Mapping[str, Any]) -> str:
+    """Where a trial with `params` keeps its checkpoints: upload, node or none ("auto" resolved by its method:
+    a full fine-tuning checkpoint holds the whole model and its optimizer state, about three times the model)."""
+    storage = str((spec.get("checkpoints") or {}).get("storage", "auto"))
+    if storage != "auto":
+        return storage
+    method = params.get("method", (spec.get("fixed") or {}).get("method", TRAINING_DEFAULTS["method"]))
+    return "node" if method == "full" else "upload"
+
+
 class BudgetSpec(_Strict):
     max_trials: int = Field(32, ge=1)
     max_gpu_hours: float | None = Field(None, gt=0)
@@ -251,6 +284,7 @@ class StudySpec(_Strict):
     )
     search: SearchSpec = Field(default_factory=SearchSpec)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
     seed: int = Field(0, ge=0, le=2**32 - 1, description="the training seed of every trial")
 
     @property

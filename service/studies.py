@@ -16,9 +16,11 @@ import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.orm import Session
 
+from tunefleet.service.artifacts import delete_checkpoints
 from tunefleet.service.auth import ANONYMOUS_ADMIN, Principal, project_id
 from tunefleet.service.backend import Backend, StudyRuntime
 from tunefleet.service.errors import Conflict, Forbidden, InvalidInput, NotFound
+from tunefleet.service.scheduling import PausedTrial, policy_for
 from tunefleet.service.schemas import StudyOut, TrialOut, storable_problems
 from tunefleet.service.search import build_pruner, build_sampler, search_problems
 from tunefleet.service.spec import CategoricalParam, SpecError, StudySpec, validate_spec
@@ -28,7 +30,7 @@ from tunefleet.service.tables import Study as StudyRow
 
 __all__ = [
     "Usage", "create_study", "delete_study", "get_study", "get_trial", "list_studies", "list_trials",
-    "aware", "maybe_complete", "set_study_state", "usage",
+    "aware", "finish_paused", "maybe_complete", "paused_trials", "set_study_state", "usage",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,15 +49,22 @@ class Usage:
     its retry takes its place."""
 
     used: int
-    running: int
+    running: int  # Optuna's RUNNING trials: leased ones and paused ones
     waiting: int
     gpu_hours: float
+    paused: int = 0
+
+    @property
+    def active(self) -> int:
+        """Trials a worker holds now (running and not paused)."""
+        return self.running - self.paused
 
     def has_room(self, spec: StudySpec) -> bool:
+        """Whether a new trial may start."""
         b = spec.budget
         if self.used >= b.max_trials and self.waiting == 0:
             return False
-        if b.max_concurrent_trials is not None and self.running >= b.max_concurrent_trials:
+        if b.max_concurrent_trials is not None and self.active >= b.max_concurrent_trials:
             return False
         return not (b.max_gpu_hours is not None and self.gpu_hours >= b.max_gpu_hours)
 
@@ -71,7 +80,32 @@ def usage(session: Session, runtime: StudyRuntime, trials: list[FrozenTrial] | N
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING and "retry_of" in t.user_attrs)
     # Device-hours are summed over leases (wall time a worker held each trial, pruned and failed ones too).
     hours = _lease_hours(session, runtime.id) if runtime.spec.budget.max_gpu_hours is not None else 0.0
-    return Usage(used=used, running=n[TrialState.RUNNING], waiting=waiting, gpu_hours=hours)
+    paused = session.scalar(sa.select(sa.func.count()).select_from(Lease).where(
+        Lease.study_id == runtime.id, Lease.state == "paused")) or 0
+    return Usage(used=used, running=n[TrialState.RUNNING], waiting=waiting, gpu_hours=hours, paused=paused)
+
+
+def paused_trials(session: Session, study_id: int) -> list[tuple[int, int, dict[str, Any] | None]]:
+    """(trial id, rung it paused at, checkpoint) of every paused trial of the study."""
+    rows = session.execute(sa.select(Lease.trial_id, Lease.paused_at, Lease.checkpoint)
+                           .where(Lease.study_id == study_id, Lease.state == "paused").order_by(Lease.trial_id))
+    return [(tid, int(step or 0), checkpoint) for tid, step, checkpoint in rows]
+
+
+def finish_paused(backend: Backend, runtime: StudyRuntime, session: Session, why: str) -> list[int]:
+    """Tell every paused trial of the study PRUNED (it will not be resumed); returns their ids, whose uploaded
+    checkpoints the caller deletes once its session committed (`delete_checkpoints`). Optuna's rows are
+    written first, then ours (the caller's session; see the ordering rule in leases.py)."""
+    ids = [tid for tid, _, _ in paused_trials(session, runtime.id)]
+    for trial_id in ids:
+        t = backend.storage.get_trial(trial_id)
+        if not t.state.is_finished():
+            runtime.study.tell(t.number, state=TrialState.PRUNED)
+    if ids:
+        session.execute(sa.update(Lease).where(Lease.trial_id.in_(ids), Lease.state == "paused")
+                        .values(state="pruned", fail_reason=why))
+        log.info("study %s: paused trials %s pruned: %s", runtime.id, ids, why)
+    return ids
 
 
 def _check_spec_size(backend: Backend, data: Any) -> None:
@@ -241,13 +275,14 @@ def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> Study
     trials = runtime.study.get_trials(deepcopy=False)
     counts = Counter(t.state.name.lower() for t in trials)
     use = usage(session, runtime, trials)
+    counts["running"], counts["paused"] = use.active, use.paused
     best = _best_trial(runtime, trials)
     max_trials = runtime.spec.budget.max_trials
     project = session.get(Project, row.project_id)
     return StudyOut(
         id=row.id, name=row.name, project=project.name if project else "?", state=row.state, spec=row.spec,
         created_at=row.created_at,
-        counts={s: counts.get(s, 0) for s in ("waiting", "running", "complete", "pruned", "fail")},
+        counts={s: counts.get(s, 0) for s in ("waiting", "running", "paused", "complete", "pruned", "fail")},
         trials_used=use.used, max_trials=max_trials, progress=min(1.0, use.used / max_trials),
         gpu_hours=_lease_hours(session, row.id),
         rungs=runtime.rungs,
@@ -257,9 +292,12 @@ def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> Study
 
 
 def _lease_hours(session: Session, study_id: int) -> float:
+    """Device-hours held by the study's trials: earlier segments of resumed trials plus each current one."""
     now = utcnow()
-    spans = session.execute(sa.select(Lease.started_at, Lease.finished_at).where(Lease.study_id == study_id))
-    return round(sum((aware(end or now) - aware(start)).total_seconds() for start, end in spans) / 3600.0, 6)
+    spans = session.execute(sa.select(Lease.held_seconds, Lease.started_at, Lease.finished_at)
+                            .where(Lease.study_id == study_id))
+    return round(sum(held + (aware(end or now) - aware(start)).total_seconds() for held, start, end in spans)
+                 / 3600.0, 6)
 
 
 def aware(moment: datetime) -> datetime:
@@ -279,13 +317,18 @@ def _best_trial(runtime: StudyRuntime, trials: list[FrozenTrial]) -> FrozenTrial
 
 def set_study_state(backend: Backend, study_id: int, action: str) -> StudyOut:
     target, allowed = _TRANSITIONS[action]
+    finished: list[int] = []
     with backend.session() as session:
         row = _row(session, study_id)
         if row.state != target:
             if row.state not in allowed:
                 raise Conflict(f"study {study_id} is {row.state}; {action} works on a "
                                f"{' or '.join(allowed)} study")
+            if target == "stopped":  # nothing will resume its paused trials
+                finished = finish_paused(backend, backend.runtime(study_id), session, "the study was stopped")
             row.state = target
+    for trial_id in finished:
+        delete_checkpoints(backend, trial_id)
     log.info("study %s: %s -> %s", study_id, action, target)
     return get_study(backend, study_id)
 
@@ -306,7 +349,8 @@ def delete_study(backend: Backend, study_id: int) -> None:
 
 
 def maybe_complete(backend: Backend, runtime: StudyRuntime) -> None:
-    """Mark a running study completed once its budget is spent and nothing is left running or queued.
+    """Mark a running study completed once its budget is spent and nothing is left running, queued or to
+    resume; paused trials its policy will not resume end PRUNED.
 
     Opens its own session: call it after the caller's session committed (see the ordering rule in leases.py).
     """
@@ -314,12 +358,24 @@ def maybe_complete(backend: Backend, runtime: StudyRuntime) -> None:
         row = session.get(StudyRow, runtime.id)
         if row is None or row.state != "running":
             return
-        use = usage(session, runtime)
+        trials = runtime.study.get_trials(deepcopy=False)
+        use = usage(session, runtime, trials)
         b = runtime.spec.budget
         spent = use.used >= b.max_trials or (b.max_gpu_hours is not None and use.gpu_hours >= b.max_gpu_hours)
-        if spent and use.running == 0 and use.waiting == 0:
-            row.state = "completed"
-            log.info("study %s (%s) completed: %s trials used", runtime.id, runtime.name, use.used)
+        if not spent or use.active or use.waiting:
+            return
+        policy = policy_for(runtime.spec)
+        hours_left = b.max_gpu_hours is None or use.gpu_hours < b.max_gpu_hours
+        if use.paused and policy is not None and hours_left:
+            paused = [PausedTrial(tid, step) for tid, step, _ in paused_trials(session, runtime.id)]
+            if policy.next_resume(trials, paused, can_start_new=False, any_active=False) is not None:
+                return  # a free worker resumes it
+        finished = finish_paused(backend, runtime, session,
+                                 "the study's budget is spent and its policy did not promote it")
+        row.state = "completed"
+        log.info("study %s (%s) completed: %s trials used", runtime.id, runtime.name, use.used)
+    for trial_id in finished:
+        delete_checkpoints(backend, trial_id)
 
 
 # ---- trial views -----------------------------------------------------------------------------------------
@@ -347,6 +403,8 @@ def _trial_view(t: FrozenTrial, study_id: int, leases: dict[int, Lease],
         is_baseline=bool(attrs.get("is_baseline", False)), attempt=int(attrs.get("attempt", 0)),
         retry_of=attrs.get("retry_of"), worker_id=lease.worker_id if lease else None,
         fail_reason=(lease.fail_reason if lease else None) or attrs.get("fail_reason"),
+        paused_at=lease.paused_at if lease and lease.state == "paused" else None,
+        resumes=lease.resumes if lease else 0,
         datetime_start=t.datetime_start, datetime_complete=t.datetime_complete,
     )
 
@@ -356,16 +414,25 @@ def list_trials(backend: Backend, study_id: int, state: str | None, limit: int, 
     runtime = _current(backend, study_id)
     trials = runtime.study.get_trials(deepcopy=False)
     if state:
-        try:
-            wanted = TrialState[state.upper()]
-        except KeyError:
-            raise InvalidInput(f"unknown trial state {state!r}: use one of "
-                               f"{', '.join(s.name.lower() for s in TrialState)}") from None
-        trials = [t for t in trials if t.state == wanted]
+        trials = _in_state(backend, runtime, trials, state)
     page = trials[offset: offset + limit]
     with backend.session() as session:
         extras = _trial_extras(session, [trial_storage_id(t) for t in page])
         return [_trial_view(t, study_id, *extras) for t in page], len(trials)
+
+
+def _in_state(backend: Backend, runtime: StudyRuntime, trials: list[FrozenTrial], state: str) -> list[FrozenTrial]:
+    """The trials in `state`: an Optuna state, where `running` means held by a worker, or `paused`."""
+    wanted = state.upper()
+    if wanted not in TrialState.__members__ and wanted != "PAUSED":
+        raise InvalidInput(f"unknown trial state {state!r}: use one of "
+                           f"{', '.join(s.name.lower() for s in TrialState)} or paused") from None
+    if wanted not in ("RUNNING", "PAUSED"):
+        return [t for t in trials if t.state == TrialState[wanted]]
+    with backend.session() as session:
+        paused = {tid for tid, _, _ in paused_trials(session, runtime.id)}
+    return [t for t in trials if t.state == TrialState.RUNNING and (trial_storage_id(t) in paused) == (
+        wanted == "PAUSED")]
 
 
 def get_trial(backend: Backend, trial_id: int) -> TrialOut:

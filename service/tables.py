@@ -65,7 +65,10 @@ class Study(Base):
 
 
 class Lease(Base):
-    """One attempt of one trial by one worker. ``trial_id`` is Optuna's trial id."""
+    """One attempt of one trial, by one worker at a time. ``trial_id`` is Optuna's trial id.
+
+    A paused trial keeps its row (state ``paused``, no holder): resuming it hands the same row to the next
+    worker with a new lease token, so one attempt may span several workers and segments of training."""
 
     __tablename__ = "tf_leases"
     __table_args__ = (UniqueConstraint("worker_id", "request_id", name="uq_tf_leases_worker_request"),)
@@ -81,13 +84,24 @@ class Lease(Base):
     owner_token_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     retry_of: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    # active | complete | pruned | failed | expired
+    # active | paused | complete | pruned | failed | expired
     state: Mapped[str] = mapped_column(String(16), default="active", index=True)
     requeued: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The current segment: from its lease (or resume) to its end (pause or finish).
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     deadline: Mapped[datetime] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     fail_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Seconds held in earlier segments of a paused and resumed trial (device time = this + the current one).
+    held_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    # The rung (percent) of the report a paused trial was answered "pause" at; None when never paused.
+    paused_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The last complete checkpoint: {"step", "sha256", "size", and "name" (an artifact of the trial) or
+    # "node" and "path" (on that node's disk)}; None when there is none (a resume then restarts at 0).
+    checkpoint: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Rungs up to here were decided and the trial promoted past them: a re-run's reports there continue.
+    promoted_through: Mapped[int] = mapped_column(Integer, default=0)
+    resumes: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class RungReport(Base):
@@ -99,7 +113,8 @@ class RungReport(Base):
     step: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     value: Mapped[float] = mapped_column(Float)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    prune: Mapped[bool] = mapped_column(Boolean)
+    prune: Mapped[bool] = mapped_column(Boolean)  # action == "prune", kept for readers of the table
+    action: Mapped[str] = mapped_column(String(8), default="continue")  # continue | prune | pause
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -102,7 +102,7 @@ BAD_SPECS = [
     ("log range through zero", _bad(**{f"{LR}__low": 0.0}), ["search_space", "learning_rate"], "above zero"),
     ("negative log range", _bad(**{f"{LR}__low": -1.0}), ["search_space", "learning_rate"], "above zero"),
     ("unknown sampler", _bad(search={"sampler": "bayes"}), ["search", "sampler"], "tpe"),
-    ("unknown pruner", _bad(search={"pruner": "asha"}), ["search", "pruner"], "hyperband"),
+    ("unknown pruner", _bad(search={"pruner": "bohb"}), ["search", "pruner"], "hyperband"),
     ("metric the task does not produce", _bad(objective={"metric": "bleu"}), ["objective", "metric"], "accuracy"),
     ("unknown task", _bad(task="translation"), ["task"], "sequence-classification"),
     ("missing model", _bad(model=DELETE), ["model"], "required"),

@@ -29,7 +29,7 @@ def test_progress_changes_while_a_trial_runs(server: LiveServer) -> None:
         later = _snapshot(client, study["id"], started + timedelta(minutes=16, seconds=3))[1]
         assert later.endswith("#0 before its first rung, 16m03s")
 
-        assert client.report(lease["trial_id"], 20, 0.4123) is False
+        assert client.report(lease["trial_id"], 20, 0.4123) == "continue"
         completed, text = _snapshot(client, study["id"], started + timedelta(hours=1, minutes=2))
         assert completed == 0.2  # a fifth of a trial's budget is done
         assert text.endswith("#0 at 20%: 0.41, 1h02m")

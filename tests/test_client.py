@@ -98,7 +98,7 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
 
 def test_retries_timeouts_and_connection_errors() -> None:
     handler = Recorder(httpx.ReadTimeout("slow"), httpx.ConnectError("refused"), ok({"prune": False}))
-    assert make_client(handler).report(5, 20, 0.5, {"accuracy": 0.5}) is False
+    assert make_client(handler).report(5, 20, 0.5, {"accuracy": 0.5}) == "continue"
     assert len(handler.requests) == 3
 
 
@@ -196,10 +196,11 @@ def test_calls_on_a_leased_trial_send_its_lease_token() -> None:
     assert tokens == [None, "secret-17", "secret-17", "handed-over", None]
 
 
-def test_report_returns_the_prune_decision() -> None:
-    handler = Recorder(ok({"prune": True}))
-    assert make_client(handler).report(9, 60, 0.4) is True
+def test_report_returns_the_servers_action() -> None:
+    handler = Recorder(ok({"action": "pause", "prune": False}), ok({"prune": True}))
+    assert make_client(handler).report(9, 60, 0.4) == "pause"
     assert json.loads(handler.requests[0].content) == {"step": 60, "value": 0.4, "metrics": {}}
+    assert make_client(handler).report(9, 60, 0.4) == "prune", "a server from before pause sends only prune"
 
 
 def test_complete_needs_exactly_one_of_value_and_values() -> None:

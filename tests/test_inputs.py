@@ -85,7 +85,7 @@ def world(server: LiveServer) -> Iterator[World]:
         tid, token = lease["trial_id"], lease["lease_token"]
         headers = {HOLDER: token}
         assert http.post(f"/trials/{tid}/reports", json={"step": 20, "value": 0.4, "metrics": {"loss": 1.5}},
-                         headers=headers).json() == {"prune": False}
+                         headers=headers).json() == {"action": "continue", "prune": False}
         for name in ("adapter/model.bin", "log.txt"):
             uploaded = http.put(f"/trials/{tid}/artifacts/{name}", content=name.encode(), headers=headers)
             assert uploaded.status_code == 200, uploaded.text

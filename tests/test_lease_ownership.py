@@ -41,7 +41,8 @@ def test_calls_without_the_lease_token_are_refused_and_change_nothing(http: http
     tid, token = lease["trial_id"], lease["lease_token"]
     for headers in ({}, {HOLDER: "not-the-token"}):
         for path, body in (("heartbeat", {"worker_id": "thief"}), ("reports", {"step": 20, "value": 0.99}),
-                           ("complete", {"value": 0.99}), ("fail", {"reason": "stolen", "retryable": False})):
+                           ("pause", {"step": 20}), ("complete", {"value": 0.99}),
+                           ("fail", {"reason": "stolen", "retryable": False})):
             refused = http.post(f"/trials/{tid}/{path}", json=body, headers=headers)
             assert refused.status_code == 403, (path, refused.text)
             assert "X-Lease-Token" in refused.json()["detail"]
@@ -52,7 +53,7 @@ def test_calls_without_the_lease_token_are_refused_and_change_nothing(http: http
     assert http.get(f"/trials/{tid}/artifacts").json() == []
     # The holder's own calls still work, and its result is the one stored.
     assert http.post(f"/trials/{tid}/reports", json={"step": 20, "value": 0.4}, headers={HOLDER: token}).json() == {
-        "prune": False}
+        "action": "continue", "prune": False}
     done = http.post(f"/trials/{tid}/complete", json={"value": 0.7}, headers={HOLDER: token})
     assert done.status_code == 200 and done.json()["value"] == 0.7
     assert http.post(f"/trials/{tid}/complete", json={"value": 0.1}).status_code == 403, "nor after it finished"
@@ -67,7 +68,7 @@ def test_the_python_client_sends_the_token_of_the_lease_it_holds(server: LiveSer
         assert holder.heartbeat(tid, "w1")["stop"] is False
         with pytest.raises(ForbiddenError, match="leased to worker 'w1'"):
             other.complete(tid, value=0.9)
-        assert other.report(tid, 20, 0.3, lease_token=lease["lease_token"]) is False  # a token handed over
+        assert other.report(tid, 20, 0.3, lease_token=lease["lease_token"]) == "continue"  # a token handed over
         assert holder.complete(tid, value=0.5)["value"] == 0.5
 
 

@@ -82,7 +82,8 @@ NOT_FOUND_WITHOUT_ID = {("POST", "/api/v1/studies"), ("POST", "/api/v1/tokens")}
 CONFLICTS = {  # the routes that can answer 409
     ("POST", "/api/v1/studies"), ("POST", "/api/v1/studies/{study_id}/{action}"), ("POST", "/api/v1/leases"),
     ("POST", "/api/v1/trials/{trial_id}/reports"), ("POST", "/api/v1/trials/{trial_id}/complete"),
-    ("POST", "/api/v1/trials/{trial_id}/fail"), ("PUT", "/api/v1/trials/{trial_id}/artifacts/{name}"),
+    ("POST", "/api/v1/trials/{trial_id}/fail"), ("POST", "/api/v1/trials/{trial_id}/pause"),
+    ("PUT", "/api/v1/trials/{trial_id}/artifacts/{name}"),
     ("POST", "/api/v1/projects"),
 }
 

@@ -88,13 +88,13 @@ def test_a_pruned_trial_is_counted_once(server: LiveServer) -> None:
                                        search={"pruner": "median", "n_startup_trials": 1, "sampler": "random"}))
         good = client.lease("w", {}, "h")
         assert good is not None
-        assert client.report(good["trial_id"], 20, 0.9) is False
+        assert client.report(good["trial_id"], 20, 0.9) == "continue"
         client.complete(good["trial_id"], value=0.95)
         bad = client.lease("w", {}, "h")
         assert bad is not None
-        assert client.report(bad["trial_id"], 20, 0.1) is True
-        assert client.report(bad["trial_id"], 20, 0.1) is True, "a retried report: the stored answer"
-        assert client.report(bad["trial_id"], 60, 0.99) is True, "a report after the prune"
+        assert client.report(bad["trial_id"], 20, 0.1) == "prune"
+        assert client.report(bad["trial_id"], 20, 0.1) == "prune", "a retried report: the stored answer"
+        assert client.report(bad["trial_id"], 60, 0.99) == "prune", "a report after the prune"
     assert _finished(server.url, "pruned") - before == 1
 
 

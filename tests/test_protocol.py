@@ -140,9 +140,9 @@ def test_pruned_answer_is_stable_and_closes_the_trial(server: LiveServer) -> Non
         client.report(good["trial_id"], 20, 0.9)
         client.complete(good["trial_id"], value=0.95)
         bad = client.lease("w", {}, "h")
-        assert client.report(bad["trial_id"], 20, 0.1) is True
-        assert client.report(bad["trial_id"], 20, 0.1) is True
-        assert client.report(bad["trial_id"], 60, 0.99) is True, "a pruned trial stays pruned"
+        assert client.report(bad["trial_id"], 20, 0.1) == "prune"
+        assert client.report(bad["trial_id"], 20, 0.1) == "prune"
+        assert client.report(bad["trial_id"], 60, 0.99) == "prune", "a pruned trial stays pruned"
         assert client.get_trial(bad["trial_id"])["state"] == "PRUNED"
         assert client.heartbeat(bad["trial_id"], "w")["stop"] is True
 
@@ -281,11 +281,11 @@ def test_a_trial_reported_to_two_replicas_is_judged_on_all_its_reports(pg_url: s
         ca.create_study(study_spec("split", baseline=None))
         lease = ca.lease("w", {}, "h")
         trial_id = lease["trial_id"]
-        assert ca.report(trial_id, 20, 0.50) is False
+        assert ca.report(trial_id, 20, 0.50) == "continue"
         token = lease["lease_token"]
-        assert cb.report(trial_id, 40, 0.60, lease_token=token) is False
-        assert ca.report(trial_id, 60, 0.70) is False
-        assert cb.report(trial_id, 60, 0.70, lease_token=token) is False  # a retry of the same step: stored answer
+        assert cb.report(trial_id, 40, 0.60, lease_token=token) == "continue"
+        assert ca.report(trial_id, 60, 0.70) == "continue"
+        assert cb.report(trial_id, 60, 0.70, lease_token=token) == "continue"  # a retry of the same step: stored answer
         expected = {20: 0.50, 40: 0.60, 60: 0.70}
         assert a.backend.storage.get_trial(trial_id).intermediate_values == expected
         ca.complete(trial_id, value=0.8)
@@ -309,7 +309,8 @@ def test_several_server_processes_share_one_study(pg_url: str, tmp_path: Path) -
                     with lock:
                         got.append(lease["trial_id"])
                     for step in lease["rungs"]:
-                        if c.report(lease["trial_id"], step, 0.1 + 0.5 * lease["params"]["learning_rate"] * 100):
+                        if c.report(lease["trial_id"], step,
+                                    0.1 + 0.5 * lease["params"]["learning_rate"] * 100) == "prune":
                             break
                     else:
                         c.complete(lease["trial_id"], value=0.2)

@@ -97,15 +97,15 @@ def test_replay_trainer_prunes_charges_steps_and_stops_on_budget(table: ReplayTa
     lease = {"params": dict(record.params), "rungs": [20, 60, 100]}
     reports: list[tuple[int, float]] = []
 
-    def prune_at_60(step: int, value: float, metrics: dict) -> bool:
+    def prune_at_60(step: int, value: float, metrics: dict) -> str:
         reports.append((step, value))
-        return step == 60
+        return "prune" if step == 60 else "continue"
 
     outcome = trainer.run(lease, prune_at_60, lambda: False, tmp_path)
     assert outcome.pruned and [s for s, _ in reports] == [20, 60]
     assert reports[0][1] == record.curve[20]
     assert trainer.steps_used == math.ceil(0.6 * record.total_steps) and spent == [1]
-    trainer.run(lease, lambda *_: False, lambda: False, tmp_path)
+    trainer.run(lease, lambda *_: "continue", lambda: False, tmp_path)
     assert spent == [1], "the budget callback fires once"
 
 

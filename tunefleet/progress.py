@@ -19,10 +19,14 @@ def study_progress(study: dict[str, Any], trials: list[dict[str, Any]], total: i
     poll). Workers report nothing between rungs, so nothing finer is known.
     """
     c = study["counts"]
-    running = sorted((t for t in trials if t["state"] == "RUNNING"), key=lambda t: t["number"])
-    finished = study["trials_used"] - c["running"]
-    partial = sum(max(map(int, t.get("intermediate_values") or {}), default=0) / 100 for t in running)
+    unfinished = [t for t in trials if t["state"] == "RUNNING"]  # held by a worker, or paused at a rung
+    running = sorted((t for t in unfinished if t.get("paused_at") is None), key=lambda t: t["number"])
+    paused = c.get("paused", 0)
+    finished = study["trials_used"] - c["running"] - paused
+    partial = sum(max(map(int, t.get("intermediate_values") or {}), default=0) / 100 for t in unfinished)
     text = f"{c['running']} running, {c['pruned']} pruned, {c['complete']} complete"
+    if paused:
+        text += f", {paused} paused"
     if running:
         text += " | " + "; ".join(running_trial(t, now) for t in running)
     return min(finished + partial, total), text

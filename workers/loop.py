@@ -13,7 +13,11 @@ What the loop promises:
   answers `stop: true` (study stopped or deleted, trial no longer ours) training is asked to stop
   (pausing a study only stops new leases: running trials finish);
 - SIGTERM/SIGINT ask training to stop; the trial is failed as retryable ("worker shutting down"),
-  so its parameters are re-queued, and the loop exits. A second signal kills at once.
+  so its parameters are re-queued, and the loop exits. A second signal kills at once;
+- a report answered "pause" ends training with a checkpoint, which the loop stores where the lease says
+  (uploaded as an artifact of the trial, or kept on this node's disk) before it tells the server `pause`
+  and asks for its next lease at once; a lease that resumes a paused trial comes with the checkpoint to
+  continue from, which the loop fetches and checks (SHA-256) before training starts.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from tunefleet.service.client import (
     NotFoundError,
     ServerUnavailable,
 )
+from tunefleet.workers.checkpoints import NodeCheckpoints, artifact_name, folder_digest, pack, unpack
 from tunefleet.workers.errors import TrialFailed, TrialInterrupted
 
 __all__ = [
@@ -62,8 +67,8 @@ log = logging.getLogger("tunefleet.worker")
 T = TypeVar("T")
 # 500s in a row on one trial write (or, for a --once worker, on a lease) before the loop gives up on it.
 MAX_SERVER_ERRORS = 3
-# report(step, value, metrics) -> True when the server says "prune".
-ReportFn = Callable[[int, float, dict[str, Any]], bool]
+# report(step, value, metrics) -> the server's action: "continue", "prune" or "pause".
+ReportFn = Callable[[int, float, dict[str, Any]], str]
 
 
 class Outcome(Protocol):
@@ -76,6 +81,8 @@ class Outcome(Protocol):
     test_metrics: dict[str, Any]
     extra: dict[str, Any]
     artifact_dir: Path | None
+    paused_at: int | None
+    checkpoint_dir: Path | None
 
 
 @dataclass
@@ -89,13 +96,17 @@ class TrialResult:
     test_metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     artifact_dir: Path | None = None
+    paused_at: int | None = None  # the rung a "pause" answer stopped training at
+    checkpoint_dir: Path | None = None  # what continuing from there needs (None: the trial restarts)
 
 
 class Trainer(Protocol):
     """Runs one leased trial.
 
-    Calls `report` at each of `lease["rungs"]` and returns `Outcome(pruned=True)` as soon as it
-    answers True; checks `should_stop()` often and raises `TrialInterrupted` when it is set; raises
+    Calls `report` at each of `lease["rungs"]`: on "prune" it returns `Outcome(pruned=True)` at once; on
+    "pause" it writes a checkpoint folder and returns `Outcome(paused_at=rung, checkpoint_dir=folder)`. When
+    `lease["resume_dir"]` is set, it continues from that checkpoint (written by the same trainer), reporting
+    only the rungs after it. Checks `should_stop()` often and raises `TrialInterrupted` when it is set; raises
     `TrialFailed` (with `reason`, `retryable`) when the parameters cannot be trained.
     """
 
@@ -119,8 +130,10 @@ class HFTrainer:
 
         if self._cache is None:
             self._cache = ModelCache()
+        resume = lease.get("resume_dir")
         return run_trial(lease["spec"], lease["params"], lease["rungs"], report, device=self.device,
-                         workdir=workdir, model_cache=self._cache, should_stop=should_stop)
+                         workdir=workdir, model_cache=self._cache, should_stop=should_stop,
+                         resume_from=Path(resume) if resume else None)
 
 
 class _Heartbeat:
@@ -200,6 +213,13 @@ class WorkerLoop:
         self.hostname = hostname or socket.gethostname()
         self.keep_trial_dirs = keep_trial_dirs
         self.trials_run = 0
+        # Checkpoints kept on this node (checkpoints.storage: node), shared by the node's workers: the
+        # fleet gives them one work folder, so they live next to the per-worker folders.
+        self.node_checkpoints = NodeCheckpoints(self.workdir.parent / "checkpoints")
+        # Seconds from each prune or pause answer to this worker's next lease request: how long a stopped
+        # trial keeps the device from the next one (its checkpoint written and stored, for a pause).
+        self.handoff_seconds: list[float] = []
+        self._stopped_at: float | None = None
         self._shutdown = threading.Event()
         self._device_info = device_info(device)
 
@@ -255,6 +275,10 @@ class WorkerLoop:
         # None means "no work" (or shutdown). A server that stays away is waited for, except by a --once
         # worker: it holds no trial yet, so giving up loses nothing, and a batch job must not hang.
         failures = 0
+        if self._stopped_at is not None:
+            self.handoff_seconds.append(time.monotonic() - self._stopped_at)
+            log.info("next lease request %.2f s after the last trial was told to stop", self.handoff_seconds[-1])
+            self._stopped_at = None
         while not self.shutting_down:
             try:
                 return self.client.lease(self.worker_id, self._device_info, self.hostname)
@@ -291,15 +315,21 @@ class WorkerLoop:
         def should_stop() -> bool:
             return self.shutting_down or heartbeat.stop_requested.is_set()
 
-        def report(step: int, value: float, metrics: dict[str, Any]) -> bool:
-            prune = self._persist(lambda: self.client.report(trial_id, step, value, metrics), f"report {step}")
-            if prune is None and not self.shutting_down:
-                prune = True  # the server refused: the trial is no longer ours, training it is wasted
-            log.info("trial %s: step %s value %.5g%s", trial_id, step, value, " -> prune" if prune else "")
-            return bool(prune)
+        def report(step: int, value: float, metrics: dict[str, Any]) -> str:
+            action = self._persist(lambda: self.client.report(trial_id, step, value, metrics), f"report {step}")
+            if action is None:
+                # The server refused (the trial is no longer ours: training it is wasted), or we shut down.
+                action = "continue" if self.shutting_down else "prune"
+            if action != "continue":
+                self._stopped_at = time.monotonic()
+            log.info("trial %s: step %s value %.5g%s", trial_id, step, value,
+                     "" if action == "continue" else f" -> {action}")
+            return action
 
         try:
-            outcome = self.trainer.run(lease, report, should_stop, trial_dir)
+            resume_dir = self._fetch_checkpoint(lease, trial_dir)
+            run_lease = {**lease, "resume_dir": str(resume_dir)} if resume_dir else lease
+            outcome = self.trainer.run(run_lease, report, should_stop, trial_dir)
         except TrialInterrupted:
             heartbeat.stop()
             reason = "worker shutting down" if self.shutting_down else f"stopped by the server: {heartbeat.reason}"
@@ -318,10 +348,64 @@ class WorkerLoop:
             self._fail(trial_id, _summarise(exc), retryable=True)
             return
         seconds = time.monotonic() - started
+        if outcome.paused_at is not None:
+            self._pause(lease, trial_dir, outcome, heartbeat)
+            log.info("trial %s paused at %s%% after %.1f s", trial_id, outcome.paused_at, seconds)
+            return
+        self.node_checkpoints.remove(trial_id)
         if outcome.pruned:
             log.info("trial %s pruned after %.1f s", trial_id, seconds)
             return
         self._complete(trial_id, outcome, seconds, heartbeat)
+
+    def _fetch_checkpoint(self, lease: Mapping[str, Any], trial_dir: Path) -> Path | None:
+        """The checkpoint a resumed lease continues from, checked against its SHA-256; None to start from the
+        beginning. Raises TrialFailed (retryable: the trial restarts) when it cannot be had."""
+        checkpoint = (lease.get("resume") or {}).get("checkpoint")
+        if not checkpoint:
+            return None
+        trial_id = int(lease["trial_id"])
+        if checkpoint.get("name"):
+            tar_path = trial_dir / "resume.tar"
+            try:
+                digest = self.client.download_artifact_to(trial_id, checkpoint["name"], tar_path)
+            except ApiError as exc:
+                raise TrialFailed(f"cannot download checkpoint {checkpoint['name']}: {exc.message}",
+                                  retryable=True) from exc
+            folder = trial_dir / "resume"
+            if digest == checkpoint["sha256"]:
+                unpack(tar_path, folder)
+            tar_path.unlink(missing_ok=True)
+        else:
+            folder = Path(checkpoint["path"])
+            if checkpoint.get("node") != self.hostname or not folder.is_dir():
+                raise TrialFailed(f"checkpoint {folder} of node {checkpoint.get('node')} is not on this node "
+                                  f"({self.hostname})", retryable=True)
+            digest = folder_digest(folder)
+        if digest != checkpoint["sha256"]:
+            raise TrialFailed(f"checkpoint of trial {trial_id} at step {checkpoint['step']} is corrupt (SHA-256 "
+                              f"{digest}, expected {checkpoint['sha256']})", retryable=True)
+        log.info("trial %s: resuming from its checkpoint at %s%%", trial_id, checkpoint["step"])
+        return folder
+
+    def _pause(self, lease: Mapping[str, Any], trial_dir: Path, outcome: Outcome, heartbeat: _Heartbeat) -> None:
+        """Store the checkpoint where the lease says, then tell the server (which releases the lease). A
+        checkpoint that cannot be stored is left out: the server resumes from the previous one, or restarts."""
+        trial_id, step = int(lease["trial_id"]), int(outcome.paused_at or 0)
+        storage, source = lease.get("checkpoint_storage"), outcome.checkpoint_dir
+        checkpoint: dict[str, Any] | None = None
+        if source is not None and storage == "upload":
+            tar_path = trial_dir / "checkpoint.tar"
+            digest, size = pack(source, tar_path)
+            name = artifact_name(step)
+            if self._persist(functools.partial(self.client.upload_artifact, trial_id, name, tar_path),
+                             f"upload {name}") is not None:
+                checkpoint = {"step": step, "sha256": digest, "size": size, "name": name}
+        elif source is not None and storage == "node":
+            folder, digest = self.node_checkpoints.keep(trial_id, step, source)
+            checkpoint = {"step": step, "sha256": digest, "node": self.hostname, "path": str(folder)}
+        heartbeat.stop()
+        self._persist(lambda: self.client.pause(trial_id, step, checkpoint), "pause")
 
     def _complete(self, trial_id: int, outcome: Outcome, seconds: float, heartbeat: _Heartbeat) -> None:
         # Uploads may take long: the heartbeat keeps the lease alive until the final write.

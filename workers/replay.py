@@ -247,25 +247,37 @@ class ReplayTrainer:
         record, distance = self.table.nearest(lease["params"])
         trial_id = lease.get("trial_id")
         rungs = sorted(int(r) for r in (lease.get("rungs") or [100]))
-        last = 0
+        # A resumed trial continues after its checkpoint's rung and is charged only its extra steps.
+        start = int(json.loads((Path(lease["resume_dir"]) / "replay.json").read_text())["step"]) \
+            if lease.get("resume_dir") else 0
+        last = start
         for rung in rungs:
+            if rung <= start:
+                continue
             if should_stop():
-                self._charge(trial_id, record, distance, last, "INTERRUPTED")
+                self._charge(trial_id, record, distance, start, last, "INTERRUPTED")
                 raise TrialInterrupted("stop requested")
             if record.state != "COMPLETE" and rung > max(record.curve, default=0):
-                self._charge(trial_id, record, distance, last, "FAIL")
+                self._charge(trial_id, record, distance, start, last, "FAIL")
                 raise TrialFailed(f"replayed failure: {record.fail_reason}", retryable=False)
             last = rung
             metrics = {**record.metrics_at(rung), "steps_used": float(record.steps_at(rung))}
             # The exact recorded objective, not the interpolated metrics' copy of it.
             metrics[self.table.metric] = value = record.value_at(rung)
-            if report(rung, value, metrics):
-                self._charge(trial_id, record, distance, rung, "PRUNED")
+            action = report(rung, value, metrics)
+            if action == "prune":
+                self._charge(trial_id, record, distance, start, rung, "PRUNED")
                 return TrialResult(pruned=True, extra=self._extra(record, distance, rung))
+            if action == "pause":
+                self._charge(trial_id, record, distance, start, rung, "PAUSED")
+                folder = Path(workdir) / "checkpoint"
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "replay.json").write_text(json.dumps({"step": rung}))
+                return TrialResult(paused_at=rung, checkpoint_dir=folder, extra=self._extra(record, distance, rung))
         if record.state != "COMPLETE":
-            self._charge(trial_id, record, distance, last, "FAIL")
+            self._charge(trial_id, record, distance, start, last, "FAIL")
             raise TrialFailed(f"replayed failure: {record.fail_reason}", retryable=False)
-        self._charge(trial_id, record, distance, 100, "COMPLETE")
+        self._charge(trial_id, record, distance, start, 100, "COMPLETE")
         return TrialResult(
             value=self.table.final(record),
             validation_metrics=dict(record.validation_metrics),
@@ -277,8 +289,9 @@ class ReplayTrainer:
         return {"steps_used": record.steps_at(pct), "total_steps": record.total_steps,
                 "replay_index": record.index, "replay_distance": round(distance, 6), "simulated": True}
 
-    def _charge(self, trial_id: Any, record: RecordedConfig, distance: float, pct: int, state: str) -> None:
-        steps = record.steps_at(pct)
+    def _charge(self, trial_id: Any, record: RecordedConfig, distance: float, start: int, pct: int,
+                state: str) -> None:
+        steps = record.steps_at(pct) - (record.steps_at(start) if start else 0)
         self.steps_used += steps
         self.trials.append({"trial_id": trial_id, "index": record.index, "distance": distance, "steps": steps,
                             "state": state, "pct": pct})

@@ -145,22 +145,30 @@ class SimulatedTrainer:
     def run(
         self, lease: Mapping[str, Any], report: ReportFn, should_stop: Callable[[], bool], workdir: Path
     ) -> TrialResult:
-        """Report the simulated curve at each rung; pruned as soon as `report` says so."""
+        """Report the simulated curve at each rung; stop as soon as `report` answers prune or pause (then with a
+        checkpoint: a JSON file of the rung and the log so far). A lease with `resume_dir` continues after the
+        checkpoint's rung."""
         params = dict(lease["params"])
         spec = lease.get("spec") or {}
         objectives = _objectives(spec)
         # Trial.report is single-objective: multi-objective studies only get the final values.
         reports = len(objectives) == 1
         started = time.monotonic()
-        log: list[dict[str, Any]] = []
+        resumed = _read_checkpoint(lease.get("resume_dir"))
+        log: list[dict[str, Any]] = resumed.get("log", [])
         for index, rung in enumerate(lease.get("rungs") or [100]):
+            if rung <= resumed.get("step", 0):
+                continue
             self._wait(should_stop)
             self._maybe_fail(index, params)
             quality = simulated_quality(params, rung, self.seed)
             metrics = _metrics(objectives, quality)
             log.append({"step": rung, **metrics})
-            if reports and report(rung, metrics[objectives[0][0]], metrics):
+            action = report(rung, metrics[objectives[0][0]], metrics) if reports else "continue"
+            if action == "prune":
                 return TrialResult(pruned=True)
+            if action == "pause":
+                return TrialResult(paused_at=rung, checkpoint_dir=_write_checkpoint(workdir, rung, log))
             if self.hang:
                 os.kill(os.getpid(), signal.SIGSTOP)
         return self._outcome(params, objectives, log, workdir, time.monotonic() - started)
@@ -207,6 +215,20 @@ class SimulatedTrainer:
         (root / "adapter" / "adapter_config.json").write_text(json.dumps({"simulated": True, **params}, indent=2))
         (root / "trainer_log.json").write_text(json.dumps(log, indent=2))
         return root
+
+
+def _write_checkpoint(workdir: Path, step: int, log: list[dict[str, Any]]) -> Path:
+    folder = Path(workdir) / "checkpoint"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "state.json").write_text(json.dumps({"step": step, "log": log}))
+    return folder
+
+
+def _read_checkpoint(folder: str | None) -> dict[str, Any]:
+    if not folder:
+        return {}
+    state: dict[str, Any] = json.loads((Path(folder) / "state.json").read_text())
+    return state
 
 
 # -- simulated worker processes -----------------------------------------------------------------

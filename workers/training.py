@@ -2,9 +2,11 @@
 
 `run_trial` is what the pull loop calls (workers/loop.py); it never talks HTTP. The server's rungs
 are percents of the trial's training budget (its total optimizer steps); when progress reaches a
-rung the validation split is evaluated and `report(percent, objective, metrics)` is called. A True
-answer ("prune") stops training at once. At the end the validation metrics of the 100% rung are the
-trial's result and the test split is evaluated once — test never feeds pruning or selection.
+rung the validation split is evaluated and `report(percent, objective, metrics)` is called. A "prune"
+answer stops training at once; a "pause" answer stops it after the Trainer saved a checkpoint (weights or
+adapter, optimizer, scheduler, RNG states, the position in the data), from which `resume_from` continues
+exactly where it stopped. At the end the validation metrics of the 100% rung are the trial's result and
+the test split is evaluated once — test never feeds pruning or selection.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ __all__ = ["DEFAULTS", "TrialOutcome", "resolve_config", "run_trial"]
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[int, float, dict[str, float]], bool]
+Report = Callable[[int, float, dict[str, float]], str]  # -> "continue", "prune" or "pause"
+# Counters of a trial's earlier segments, written into each checkpoint so a resumed trial reports totals.
+PROGRESS_FILE = "tunefleet_progress.json"
 
 # Values used for every catalog parameter a study neither fixes nor searches; the catalog
 # (tunefleet.service.spec) keeps each parameter's kind and default side by side.
@@ -48,14 +52,16 @@ DEFAULTS: dict[str, Any] = TRAINING_DEFAULTS
 class TrialOutcome:
     """What a finished (or pruned) trial produced; the loop sends it to `complete` (or acknowledges a prune)."""
 
-    pruned: bool  # True if report() returned True at some rung
-    value: float | None  # single objective on validation at the end (None if pruned or multi-objective)
+    pruned: bool  # True if report() answered "prune" at some rung
+    value: float | None  # single objective on validation at the end (None if stopped early or multi-objective)
     values: list[float] | None  # multi-objective: one per spec objective, in spec order (else None)
-    validation_metrics: dict[str, float]  # at the end; for a pruned trial, at the rung that pruned it
-    test_metrics: dict[str, float]  # empty when pruned: the test split is never evaluated early
+    validation_metrics: dict[str, float]  # at the end; for a pruned or paused trial, at its last rung
+    test_metrics: dict[str, float]  # empty when stopped early: the test split is never evaluated early
     extra: dict[str, float]
     artifact_dir: Path | None  # adapter or model (safetensors) + trainer_log.json + data_splits.json
     data_splits: dict[str, Any] = field(default_factory=dict)  # source, seed, sizes of the splits
+    paused_at: int | None = None  # the rung report() answered "pause" at
+    checkpoint_dir: Path | None = None  # the Trainer checkpoint saved there (resume_from continues from it)
 
 
 def resolve_config(spec: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,10 +81,12 @@ def resolve_config(spec: Mapping[str, Any], params: Mapping[str, Any]) -> dict[s
 
 def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], report: Report, *,
               device: str = "cpu", workdir: Path, model_cache: ModelCache | None = None,
-              should_stop: Callable[[], bool] = lambda: False) -> TrialOutcome:
+              should_stop: Callable[[], bool] = lambda: False, resume_from: Path | None = None) -> TrialOutcome:
     """Train and evaluate one trial of `spec` with `params`, reporting at each rung percent.
 
-    `report(percent, objective_value, metrics)` returns True to prune. `should_stop()` is polled after
+    `report(percent, objective_value, metrics)` answers "continue", "prune" or "pause" (checkpoint and stop).
+    `resume_from` is a checkpoint an earlier "pause" of the same trial saved: training continues from its
+    step, and only later rungs are reported. `should_stop()` is polled after
     every optimizer step and must be cheap (read a flag). `device` is "cpu" or "cuda[:N]"
     (CUDA_VISIBLE_DEVICES is the simplest way to give a worker one GPU).
     Raises TrialInterrupted when should_stop() turns True, and TrialFailed subclasses: InvalidConfig,
@@ -100,29 +108,39 @@ def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], re
         loaded.model.config.pad_token_id = tokenizer.pad_token_id
     if should_stop():
         raise TrialInterrupted("asked to stop before training started")
+    # Loading a model draws random numbers and a cached copy does not: seed again, so an adapter's initial
+    # weights are the same in a worker's first trial as in its later ones.
+    set_seed(config["seed"])
     model = apply_method(loaded.model, config, task)
     trainable, total_params = count_parameters(model)
     log.info("trial: task=%s method=%s trainable=%d/%d params; splits %s", task.name, config["method"],
              trainable, total_params, splits.record["sizes"])
 
     callback = _RungCallback(rungs, report, objectives, task.metrics, should_stop)
+    earlier = _earlier_progress(resume_from)
     trainer = None
     try:
         with _device_errors(config, device):  # moving the model to the device can run out of memory too
             trainer = _make_trainer(model, tokenizer, task, prepared, label_names, config, device, workdir, callback)
-            train_output = trainer.train()
+            train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             callback.raise_if_stopped()
-            if callback.pruned_at is None:
+            if callback.pruned_at is None and callback.paused_at is None:
                 if callback.last_step != trainer.state.global_step:  # rungs ended before 100%: evaluate now
                     trainer.evaluate()
                 # Trainer.evaluate is annotated with torch's Dataset class but takes any sized, indexable split.
                 test = trainer.evaluate(prepared.test, metric_key_prefix="test")  # type: ignore[arg-type]
-        extra = _extra(train_output.metrics, trainer, callback, loaded, device, started, trainable, total_params)
+        extra = _extra(train_output.metrics, trainer, callback, loaded, device, started, trainable, total_params,
+                       earlier)
         if callback.pruned_at is not None:
             log.info("pruned at %d%%", callback.pruned_at)
             return TrialOutcome(True, None, None, callback.last_metrics, {}, extra, None, splits.record)
+        if callback.paused_at is not None:
+            checkpoint = _paused_checkpoint(trainer, extra)
+            log.info("paused at %d%%: checkpoint %s", callback.paused_at, checkpoint)
+            return TrialOutcome(False, None, None, callback.last_metrics, {}, extra, None, splits.record,
+                                paused_at=callback.paused_at, checkpoint_dir=checkpoint)
         artifact = _save_artifact(workdir, model, tokenizer, trainer, splits.record)
-        extra["gpu_hours"] = (time.perf_counter() - started) / 3600
+        extra["gpu_hours"] = earlier.get("gpu_hours", 0.0) + (time.perf_counter() - started) / 3600
         # The test-set size lets the fidelity report put a confidence interval on tuned vs baseline.
         test_metrics = {**_strip(test, "test", task.metrics), "n_examples": len(prepared.test)}
         return _completed(objectives, callback.last_metrics, test_metrics, extra, artifact, splits.record)
@@ -313,6 +331,7 @@ class _RungCallback(TrainerCallback):
         self.last_step: int | None = None
         self.last_metrics: dict[str, float] = {}
         self.pruned_at: int | None = None
+        self.paused_at: int | None = None
         self.interrupted = False
         self.non_finite: tuple[int, float] | None = None
         self.eval_seconds = 0.0
@@ -356,8 +375,14 @@ class _RungCallback(TrainerCallback):
         self.last_step, self.last_metrics = state.global_step, _strip(metrics, "eval", self.metric_names)
         log.info("evaluation at step %d: %s", state.global_step, self.last_metrics)
         for pct in self.due.get(state.global_step, []):
-            if self.report(pct, self.last_metrics[self.objective], dict(self.last_metrics)):
+            action = self.report(pct, self.last_metrics[self.objective], dict(self.last_metrics))
+            if action == "prune":
                 self.pruned_at = pct
+                control.should_training_stop = True
+                break
+            if action == "pause":  # the Trainer saves a checkpoint right after this evaluation, then stops
+                self.paused_at = pct
+                control.should_save = True
                 control.should_training_stop = True
                 break
 
@@ -396,16 +421,21 @@ def _peak_memory_mb(device: str) -> float:
 
 
 def _extra(train_metrics: Mapping[str, float], trainer: Any, callback: _RungCallback, loaded: Any, device: str,
-           started: float, trainable: int, total_params: int) -> dict[str, float]:
-    train_seconds = float(train_metrics.get("train_runtime", 0.0))
+           started: float, trainable: int, total_params: int, earlier: Mapping[str, float]) -> dict[str, float]:
+    """The trial's counters: this segment's plus, for a resumed trial, its earlier segments' (`earlier`)."""
+    train_seconds = earlier.get("train_seconds", 0.0) + float(train_metrics.get("train_runtime", 0.0))
+    eval_seconds = earlier.get("eval_seconds", 0.0) + callback.eval_seconds
+    samples = earlier.get("samples_trained", 0.0) + trainer.samples_trained
     # Rung evaluations run inside train(); throughput counts training time only.
-    pure_train = max(train_seconds - callback.eval_seconds, 1e-9)
+    pure_train = max(train_seconds - eval_seconds, 1e-9)
     return {
         "train_seconds": train_seconds,
-        "eval_seconds": callback.eval_seconds,
-        "gpu_hours": (time.perf_counter() - started) / 3600,  # device-hours of the whole trial, one device
+        "eval_seconds": eval_seconds,
+        # device-hours of the whole trial, one device
+        "gpu_hours": earlier.get("gpu_hours", 0.0) + (time.perf_counter() - started) / 3600,
         "peak_memory_mb": _peak_memory_mb(device),
-        "train_samples_per_second": trainer.samples_trained / pure_train,
+        "samples_trained": samples,
+        "train_samples_per_second": samples / pure_train,
         "total_steps": float(trainer.state.max_steps),
         "steps_done": float(trainer.state.global_step),
         "model_load_seconds": loaded.load_seconds,
@@ -413,6 +443,24 @@ def _extra(train_metrics: Mapping[str, float], trainer: Any, callback: _RungCall
         "trainable_params": float(trainable),
         "total_params": float(total_params),
     }
+
+
+def _earlier_progress(checkpoint: Path | None) -> dict[str, float]:
+    """The counters of a resumed trial's earlier segments, saved in its checkpoint; empty for a fresh start."""
+    if checkpoint is None or not (checkpoint / PROGRESS_FILE).is_file():
+        return {}
+    return {k: float(v) for k, v in json.loads((checkpoint / PROGRESS_FILE).read_text()).items()}
+
+
+def _paused_checkpoint(trainer: Any, extra: Mapping[str, float]) -> Path:
+    """The checkpoint the Trainer saved at the pause, with the trial's counters so far added to it."""
+    folder = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    if not folder.is_dir():
+        raise TrialFailed(f"the Trainer saved no checkpoint at step {trainer.state.global_step} ({folder})",
+                          retryable=True)
+    progress = {k: extra[k] for k in ("train_seconds", "eval_seconds", "gpu_hours", "samples_trained")}
+    (folder / PROGRESS_FILE).write_text(json.dumps(progress))
+    return folder
 
 
 def _save_artifact(workdir: Path, model: Any, tokenizer: Any, trainer: Any, record: Mapping[str, Any]) -> Path:

@@ -7,7 +7,7 @@ is read from the database at scrape time, so every process reports the same, exa
 from prometheus_client import Counter, Gauge, Histogram
 
 LEASES = Counter("tunefleet_leases_total", "Trials handed to workers")
-REPORTS = Counter("tunefleet_reports_total", "Intermediate reports received", ["prune"])
+REPORTS = Counter("tunefleet_reports_total", "Intermediate reports received, by the answer", ["action"])
 FINISHED = Counter("tunefleet_trials_finished_total",
                    "Trials that reached a final state: complete, fail (by the worker), pruned, expired (by the "
                    "reaper)", ["state"])

@@ -1,4 +1,4 @@
-"""Trial routes: the worker protocol (heartbeat, reports, complete, fail, artifacts) and trial reads."""
+"""Trial routes: the worker protocol (heartbeat, reports, pause, complete, fail, artifacts) and trial reads."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from tunefleet.service.schemas import (
     HeartbeatOut,
     LeaseIn,
     LeaseOut,
+    PauseIn,
     ReportIn,
     ReportOut,
     TrialOut,
@@ -60,9 +61,17 @@ def heartbeat(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, token: Lease
 @router.post("/trials/{trial_id}/reports", response_model=ReportOut, responses=errors(404, 409, 422))
 def report(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: ReportIn, token: LeaseToken = None
            ) -> ReportOut:
-    prune = leases.report(backend, trial_id, token, body)
-    metrics.REPORTS.labels(prune=str(prune).lower()).inc()
-    return ReportOut(prune=prune)
+    """Record an evaluation at a rung; the answer says continue, prune or pause (see POST .../pause)."""
+    action = leases.report(backend, trial_id, token, body)
+    metrics.REPORTS.labels(action=action).inc()
+    return ReportOut(action=action, prune=action == "prune")
+
+
+@router.post("/trials/{trial_id}/pause", response_model=TrialOut, responses=errors(404, 409, 422))
+def pause(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: PauseIn, token: LeaseToken = None) -> TrialOut:
+    """After a report answered pause, and once its checkpoint is stored (uploaded as an artifact of the trial, or
+    kept on the node): release the lease. The trial waits, paused, until a lease resumes it."""
+    return leases.pause(backend, trial_id, token, body)
 
 
 @router.post("/trials/{trial_id}/complete", response_model=TrialOut, responses=errors(404, 409, 422))

@@ -100,7 +100,7 @@ def test_test_split_is_carved_when_absent_and_never_reported(make_spec, tmp_path
 
     def report(pct, value, metrics):
         order.append(f"report {pct}")
-        return False
+        return "continue"
 
     spec = make_spec(sizes=(100, 0, 0), data={"validation_fraction": 0.2, "test_fraction": 0.1, "split_seed": 3})
     with pytest.MonkeyPatch.context() as mp:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 __all__ = ["best_value", "console", "err_console", "fmt", "kv_table", "print_json", "progress_text",
-           "records_table", "render_generic", "show_trial", "state_markup", "trial_value"]
+           "records_table", "render_generic", "show_trial", "state_markup", "trial_state", "trial_value"]
 
 # Piped or redirected output (`study ls | grep`, a cron job's log) has no terminal to measure, and rich
 # would then cut every table to 80 columns, eliding names. Tables take only the width they need, so a
@@ -113,8 +113,16 @@ def trial_value(trial: Mapping[str, Any]) -> Any:
     return trial.get("value") if values in (None, []) or len(values) == 1 else values
 
 
+def trial_state(trial: Mapping[str, Any]) -> str:
+    """The trial's state as a person reads it: `PAUSED at 20%` for a paused trial (RUNNING in Optuna)."""
+    if trial.get("paused_at") is not None:
+        return f"PAUSED at {trial['paused_at']}%"
+    return str(trial.get("state", ""))
+
+
 def state_markup(state: str) -> str:
-    colour = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}.get(state, "white")
+    colour = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}.get(
+        state, "magenta" if state.startswith("PAUSED") else "white")
     return f"[{colour}]{state}[/]"
 
 
@@ -122,9 +130,10 @@ def show_trial(trial: Mapping[str, Any], title: str) -> None:
     """A trial as key/value tables: its summary, then params, rung values and metrics."""
     console.print(kv_table({
         "trial": f"#{trial.get('number')} (id {trial['id']}) of study {trial.get('study_id')}",
-        "state": trial.get("state"),
+        "state": trial_state(trial),
         "value": trial_value(trial),
         "attempt": trial.get("attempt"),
+        **({"resumed": f"{trial['resumes']} time(s) from a checkpoint"} if trial.get("resumes") else {}),
         "worker": trial.get("worker_id"),
         "started": trial.get("datetime_start"),
         "finished": trial.get("datetime_complete"),

@@ -23,6 +23,7 @@ from tunefleet.cli.render import (
     render_generic,
     show_trial,
     state_markup,
+    trial_state,
     trial_value,
 )
 from tunefleet.progress import study_progress
@@ -91,16 +92,16 @@ def study_ls(
         return
     table = Table(title=f"studies {offset + 1}-{offset + len(page['items'])} of {page['total']}",
                   title_justify="left")
-    for column in ("id", "name", "state", "trials", "complete", "pruned", "fail", "running", "best", "created"):
+    counted = ("complete", "pruned", "fail", "running", "paused")
+    for column in ("id", "name", "state", "trials", *counted, "best", "created"):
         # In a narrow terminal the name folds and the state keeps its width, rather than both being elided.
-        table.add_column(column, justify="right" if column in ("id", "complete", "pruned", "fail", "running")
-                         else "left", overflow="fold" if column == "name" else "ellipsis",
-                         no_wrap=column == "state")
+        table.add_column(column, justify="right" if column in ("id", *counted) else "left",
+                         overflow="fold" if column == "name" else "ellipsis", no_wrap=column == "state")
     for study in page["items"]:
         counts = study.get("counts") or {}
         table.add_row(str(study["id"]), study["name"], study["state"],
                       f"{study.get('trials_used', 0)}/{study.get('max_trials', '?')}",
-                      *(str(counts.get(k, 0)) for k in ("complete", "pruned", "fail", "running")),
+                      *(str(counts.get(k, 0)) for k in counted),
                       fmt(best_value(study)), str(study.get("created_at", ""))[:19])
     console.print(table)
 
@@ -203,7 +204,8 @@ def study_report(ctx: typer.Context, study_id: StudyId, as_json: JsonOption = Fa
 def trial_ls(
     ctx: typer.Context,
     study_id: StudyId,
-    state: Annotated[str | None, typer.Option(help="WAITING, RUNNING, COMPLETE, PRUNED or FAIL.")] = None,
+    state: Annotated[str | None, typer.Option(
+        help="WAITING, RUNNING (held by a worker), PAUSED (waiting at a rung), COMPLETE, PRUNED or FAIL.")] = None,
     limit: Annotated[int, typer.Option(help="Page size.")] = 100,
     offset: Annotated[int, typer.Option(help="Rows to skip.")] = 0,
     as_json: JsonOption = False,
@@ -221,7 +223,7 @@ def trial_ls(
         rungs = trial.get("intermediate_values") or {}
         last = max(rungs, key=int, default=None)
         value = trial_value(trial)
-        table.add_row(str(trial["id"]), str(trial.get("number")), state_markup(trial.get("state", "")),
+        table.add_row(str(trial["id"]), str(trial.get("number")), state_markup(trial_state(trial)),
                       fmt(value), f"{last}%: {fmt(rungs[last])}" if last else "—", fmt(trial.get("params")),
                       str(trial.get("attempt", 0)), fmt(trial.get("worker_id")))
     console.print(table)
