@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 FIND    := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test lint bench-service bench-worker bench-search clean
+.PHONY: install demo test lint bench-service bench-worker bench-search bench-pause clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,9 @@ lint: $(STAMP)
 
 bench-service: $(STAMP)
 	$(PY) benchmarks/service_throughput.py
+
+bench-pause: $(STAMP)
+	$(PY) benchmarks/pause_handoff.py --out docs/benchmarks/pause_handoff.md
 
 bench-worker: $(STAMP)
 	$(PY) benchmarks/worker_throughput.py
