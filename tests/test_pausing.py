@@ -190,5 +190,33 @@ def test_simulated_workers_run_an_asha_study_to_completion_with_promotions(serve
     assert reached[20] == 24 and reached[100] < reached[60] < reached[20]
     assert any(t["resumes"] for t in trials), "some trial paused earlier was promoted later"
     assert not [n for n in artifacts if n.startswith("checkpoints/")], "rung checkpoints are gone at the end"
+    # Full fine-tuning trials kept theirs on the node; the workers swept those of ended trials on their way out.
+    assert not list((tmp_path / "checkpoints").glob("trial-*"))
     used = sum(max(map(int, t["intermediate_values"])) for t in trials)
     assert used < 0.6 * 24 * 100, f"successive halving trains far less than every trial to the end ({used})"
+
+
+def test_the_cli_shows_paused_trials(server: LiveServer) -> None:
+    from typer.testing import CliRunner
+
+    from tunefleet.cli import app
+
+    with Client(server.url) as client:
+        study = client.create_study(_asha_spec("cli-paused"))
+        tid = client.lease("a", {}, "h")["trial_id"]
+        assert client.report(tid, 20, 0.5) == "pause"
+        client.pause(tid, 20)
+    runner = CliRunner()
+
+    def cli(*args: str) -> str:
+        result = runner.invoke(app, ["--server", server.url, *args], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "PAUSED at 20%" in cli("trial", "ls", str(study["id"]))
+    assert "PAUSED at 20%" in cli("trial", "ls", str(study["id"]), "--state", "paused")
+    assert "PAUSED" not in cli("trial", "ls", str(study["id"]), "--state", "running")
+    assert "PAUSED at 20%" in cli("trial", "show", str(tid))
+    header = next(line for line in cli("study", "ls").splitlines() if "complete" in line)
+    assert "paused" in header
+    assert '"paused": 1' in cli("study", "show", str(study["id"]))

@@ -90,3 +90,10 @@ class NodeCheckpoints:
 
     def remove(self, trial_id: int) -> None:
         shutil.rmtree(self.folder(trial_id), ignore_errors=True)
+
+    def trial_ids(self) -> list[int]:
+        """Trials that have a checkpoint folder on this node."""
+        if not self.root.is_dir():
+            return []
+        return sorted(int(p.name.removeprefix("trial-")) for p in self.root.glob("trial-*")
+                      if p.name.removeprefix("trial-").isdigit())

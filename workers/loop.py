@@ -67,6 +67,8 @@ log = logging.getLogger("tunefleet.worker")
 T = TypeVar("T")
 # 500s in a row on one trial write (or, for a --once worker, on a lease) before the loop gives up on it.
 MAX_SERVER_ERRORS = 3
+# How often an idle worker looks for node checkpoints of trials that ended elsewhere (seconds).
+CHECKPOINT_SWEEP_SECONDS = 60.0
 # report(step, value, metrics) -> the server's action: "continue", "prune" or "pause".
 ReportFn = Callable[[int, float, dict[str, Any]], str]
 
@@ -220,6 +222,7 @@ class WorkerLoop:
         # trial keeps the device from the next one (its checkpoint written and stored, for a pause).
         self.handoff_seconds: list[float] = []
         self._stopped_at: float | None = None
+        self._swept_at = float("-inf")
         self._shutdown = threading.Event()
         self._device_info = device_info(device)
 
@@ -261,6 +264,7 @@ class WorkerLoop:
         while not self.shutting_down and (self.max_trials is None or self.trials_run < self.max_trials):
             lease = self._next_lease()
             if lease is None:
+                self._sweep_node_checkpoints()
                 if self.once:
                     log.info("no work left: exiting (--once)")
                     break
@@ -270,6 +274,23 @@ class WorkerLoop:
             self.run_trial(lease)
         log.info("worker %s done: %d trial(s)", self.worker_id, self.trials_run)
         return self.trials_run
+
+    def _sweep_node_checkpoints(self) -> None:
+        """Delete this node's checkpoints of trials that ended (paused trials a study pruned at its end, or a
+        trial finished on another node after a restart); at most every CHECKPOINT_SWEEP_SECONDS, when idle."""
+        if time.monotonic() - self._swept_at < CHECKPOINT_SWEEP_SECONDS and not self.once:
+            return
+        self._swept_at = time.monotonic()
+        for trial_id in self.node_checkpoints.trial_ids():
+            try:
+                ended = self.client.get_trial(trial_id)["state"] in ("COMPLETE", "PRUNED", "FAIL")
+            except NotFoundError:
+                ended = True  # its study was deleted
+            except ApiError:
+                return  # the server is away: next time
+            if ended:
+                log.info("removing the node checkpoint of trial %s: the trial has ended", trial_id)
+                self.node_checkpoints.remove(trial_id)
 
     def _next_lease(self) -> dict[str, Any] | None:
         # None means "no work" (or shutdown). A server that stays away is waited for, except by a --once
