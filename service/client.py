@@ -394,10 +394,13 @@ class Client:
         return self._json("POST", f"/trials/{trial_id}/complete", json=body,
                           headers=self._holder(trial_id, lease_token))
 
-    def fail(self, trial_id: int, reason: str, retryable: bool = False, *,
+    def fail(self, trial_id: int, reason: str, retryable: bool = False, *, kind: str = "trial",
              lease_token: str | None = None) -> dict[str, Any]:
-        """POST /trials/{id}/fail; a retryable failure re-queues the same parameters."""
-        return self._json("POST", f"/trials/{trial_id}/fail", json={"reason": reason, "retryable": retryable},
+        """POST /trials/{id}/fail; a retryable failure re-queues the same parameters. `kind` says whose problem
+        it is: model, data or config (the study's: several in a row pause the study), or memory, diverged,
+        trial, crash (the parameters')."""
+        return self._json("POST", f"/trials/{trial_id}/fail",
+                          json={"reason": reason, "retryable": retryable, "kind": kind},
                           headers=self._holder(trial_id, lease_token))
 
     # -- tokens ---------------------------------------------------------------------------------

@@ -54,12 +54,13 @@ from tunefleet.service.schemas import (
     ResumeOut,
     TrialOut,
 )
-from tunefleet.service.spec import ReportAction, checkpoint_storage
+from tunefleet.service.spec import STUDY_FAILURES, ReportAction, checkpoint_storage
 from tunefleet.service.storage import optuna_now, trial_storage_id, unleased_running_trials
 from tunefleet.service.studies import (
     aware,
     get_trial,
     maybe_complete,
+    pause_if_failing,
     paused_trials,
     retried_trial_ids,
     usage,
@@ -423,15 +424,19 @@ def _reason(record: Lease) -> str:
 
 
 def fail(backend: Backend, trial_id: int, token: str | None, body: FailIn) -> TrialOut:
-    """Tell Optuna the trial failed; re-queue its parameters when retryable and attempts are left."""
+    """Tell Optuna the trial failed; re-queue its parameters when retryable and attempts are left. A failure
+    of the study's own kind (model, data, config) may pause the study (`pause_if_failing`)."""
     with _locked_lease(backend, trial_id, token) as (session, record, runtime):
         failed_now = record.state == "active"
         if failed_now:
+            backend.storage.set_trial_user_attr(trial_id, "fail_kind", body.kind)
             _fail_and_maybe_requeue(backend, session, record, runtime, body.reason, body.retryable, "failed")
     if failed_now:
         backend.on_trial_finished("fail")
         if runtime.spec.checkpoints.keep == "final":
             delete_checkpoints(backend, trial_id)
+        if not body.retryable and body.kind in STUDY_FAILURES:
+            pause_if_failing(backend, runtime)
     maybe_complete(backend, runtime)
     return get_trial(backend, trial_id)
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any, ClassVar, Generic, Literal, NamedTuple, TypeV
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from tunefleet.service.spec import ReportAction
+from tunefleet.service.spec import FailureKind, ReportAction
 
 __all__ = [
     "ArtifactOut", "CheckpointRef", "CompleteIn", "ErrorItem", "ErrorOut", "FailIn", "HeartbeatIn", "HeartbeatOut",
@@ -226,6 +226,7 @@ class StudyOut(BaseModel):
     rungs: list[int]
     best_trial: TrialOut | None = None
     baseline_trial_id: int | None = None
+    state_reason: str | None = Field(None, description="why the study paused itself (fix it, then resume it)")
 
 
 class LeaseIn(_In):
@@ -326,6 +327,8 @@ class CompleteIn(_In):
 class FailIn(_In):
     reason: str = Field(min_length=1, max_length=10_000)
     retryable: bool = False
+    kind: FailureKind = Field("trial", description="model, data or config: the study's own problem (several in "
+                              "a row pause the study); memory, diverged, trial or crash: the parameters'")
 
 
 class ArtifactOut(BaseModel):

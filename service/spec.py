@@ -25,6 +25,7 @@ __all__ = [
     "CategoricalParam",
     "CheckpointSpec",
     "CheckpointStorage",
+    "FailureKind",
     "DataSpec",
     "FloatParam",
     "IntParam",
@@ -33,6 +34,7 @@ __all__ = [
     "PrunerName",
     "ReportAction",
     "SamplerName",
+    "STUDY_FAILURES",
     "SearchSpec",
     "SpecError",
     "StudySpec",
@@ -51,6 +53,11 @@ SamplerName = Literal["tpe", "gp", "random", "grid", "cmaes", "nsga2"]
 PrunerName = Literal["hyperband", "successive_halving", "median", "asha", "none"]
 # Pruners that answer "pause" (the trial saves a checkpoint and frees its worker; it may be resumed later).
 PAUSING_PRUNERS: tuple[PrunerName, ...] = ("asha",)
+# Why a trial failed, as the worker classifies it. The first three are failures of the study itself (every
+# trial fails alike until someone fixes it): after budget.max_consecutive_failures of one of them in a row
+# the study pauses itself. The others depend on the trial's parameters.
+FailureKind = Literal["model", "data", "config", "memory", "diverged", "trial", "crash"]
+STUDY_FAILURES: tuple[FailureKind, ...] = ("model", "data", "config")
 # The server's answer to a report: go on training, stop for good, or checkpoint and free the worker.
 ReportAction = Literal["continue", "prune", "pause"]
 # Where a paused trial's checkpoint lives: uploaded to the server's artifact store (any worker can resume it),
@@ -265,6 +272,9 @@ class BudgetSpec(_Strict):
     max_trials: int = Field(32, ge=1)
     max_gpu_hours: float | None = Field(None, gt=0)
     max_concurrent_trials: int | None = Field(None, ge=1)
+    max_consecutive_failures: int = Field(
+        3, ge=1, description="the study pauses itself after this many trials in a row fail for one reason of "
+        "the study's own (the model or data cannot be loaded, the configuration is invalid)")
 
 
 class StudySpec(_Strict):

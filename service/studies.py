@@ -23,18 +23,20 @@ from tunefleet.service.errors import Conflict, Forbidden, InvalidInput, NotFound
 from tunefleet.service.scheduling import PausedTrial, policy_for
 from tunefleet.service.schemas import StudyOut, TrialOut, storable_problems
 from tunefleet.service.search import build_pruner, build_sampler, search_problems
-from tunefleet.service.spec import CategoricalParam, SpecError, StudySpec, validate_spec
+from tunefleet.service.spec import STUDY_FAILURES, CategoricalParam, SpecError, StudySpec, validate_spec
 from tunefleet.service.storage import study_id_of_trial, study_storage_id, trial_storage_id
 from tunefleet.service.tables import Lease, Project, RungReport, utcnow
 from tunefleet.service.tables import Study as StudyRow
 
 __all__ = [
     "Usage", "create_study", "delete_study", "get_study", "get_trial", "list_studies", "list_trials",
-    "aware", "finish_paused", "maybe_complete", "paused_trials", "set_study_state", "usage",
+    "aware", "finish_paused", "maybe_complete", "pause_if_failing", "paused_trials", "set_study_state", "usage",
 ]
 
 log = logging.getLogger(__name__)
 STATES = ("running", "paused", "stopped", "completed")
+# The study user attribute (shown by optuna-dashboard) that says why a study paused itself.
+PAUSED_REASON = "paused_reason"
 # Which state each action moves a study to, and from which states it may.
 _TRANSITIONS = {
     "pause": ("paused", ("running",)),
@@ -288,6 +290,7 @@ def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> Study
         rungs=runtime.rungs,
         best_trial=_trial_view(best, row.id, *_trial_extras(session, [trial_storage_id(best)])) if best else None,
         baseline_trial_id=row.baseline_trial_id,
+        state_reason=runtime.study.user_attrs.get(PAUSED_REASON) if row.state == "paused" else None,
     )
 
 
@@ -326,6 +329,8 @@ def set_study_state(backend: Backend, study_id: int, action: str) -> StudyOut:
                                f"{' or '.join(allowed)} study")
             if target == "stopped":  # nothing will resume its paused trials
                 finished = finish_paused(backend, backend.runtime(study_id), session, "the study was stopped")
+            if action == "resume":
+                backend.runtime(study_id).study.set_user_attr(PAUSED_REASON, None)
             row.state = target
     for trial_id in finished:
         delete_checkpoints(backend, trial_id)
@@ -376,6 +381,31 @@ def maybe_complete(backend: Backend, runtime: StudyRuntime) -> None:
         log.info("study %s (%s) completed: %s trials used", runtime.id, runtime.name, use.used)
     for trial_id in finished:
         delete_checkpoints(backend, trial_id)
+
+
+def pause_if_failing(backend: Backend, runtime: StudyRuntime) -> bool:
+    """Pause a running study whose last `budget.max_consecutive_failures` finished trials all failed for one
+    reason of the study's own (model, data, config): every further trial would fail alike and spend the
+    budget. The reason goes to the study user attribute `paused_reason` (the API's `state_reason`)."""
+    k = runtime.spec.budget.max_consecutive_failures
+    finished = [t for t in runtime.study.get_trials(deepcopy=False) if t.state.is_finished()]
+    last = sorted(finished, key=lambda t: (t.datetime_complete or datetime.min, t.number))[-k:]
+    kinds = {t.user_attrs.get("fail_kind") for t in last}
+    if len(last) < k or any(t.state != TrialState.FAIL for t in last) or len(kinds) != 1:
+        return False
+    kind = kinds.pop()
+    if kind not in STUDY_FAILURES:
+        return False
+    reason = (f"the study paused itself: its last {k} trials failed alike ({kind}): "
+              f"{last[-1].user_attrs.get('fail_reason', '?')} -- fix it, then `tunefleet study resume {runtime.id}`")
+    with backend.session() as session:
+        row = session.get(StudyRow, runtime.id)
+        if row is None or row.state != "running":
+            return False
+        runtime.study.set_user_attr(PAUSED_REASON, reason)  # Optuna first (the ordering rule in leases.py)
+        row.state = "paused"
+    log.warning("study %s (%s) paused: %s", runtime.id, runtime.name, reason)
+    return True
 
 
 # ---- trial views -----------------------------------------------------------------------------------------

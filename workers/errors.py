@@ -22,9 +22,13 @@ __all__ = [
 
 
 class TrialFailed(Exception):
-    """A trial that cannot complete; `reason` is shown to the user, `retryable` goes to the server."""
+    """A trial that cannot complete; `reason` is shown to the user, `retryable` and `kind` go to the server.
+
+    `kind` (a `tunefleet.service.spec.FailureKind`) lets the server tell a failure of the study (its model,
+    data or configuration: every trial will fail alike) from one of the trial's parameters."""
 
     retryable_default = False
+    kind = "trial"
 
     def __init__(self, reason: str, retryable: bool | None = None):
         super().__init__(reason)
@@ -35,21 +39,31 @@ class TrialFailed(Exception):
 class OutOfMemory(TrialFailed):
     """The device ran out of memory; the same parameters would run out again."""
 
+    kind = "memory"
+
 
 class NonFiniteLoss(TrialFailed):
     """The training loss became NaN or infinite (usually a learning rate far too high)."""
+
+    kind = "diverged"
 
 
 class DataError(TrialFailed):
     """The data cannot be read or does not have the fields the task needs."""
 
+    kind = "data"
+
 
 class ModelLoadError(TrialFailed):
     """The base model or its tokenizer cannot be loaded."""
 
+    kind = "model"
+
 
 class InvalidConfig(TrialFailed):
     """The training parameters name an unknown task, method or value the worker cannot run."""
+
+    kind = "config"
 
 
 class TrialInterrupted(Exception):

@@ -361,12 +361,12 @@ class WorkerLoop:
         except TrialFailed as exc:
             heartbeat.stop()
             log.error("trial %s failed (%s): %s", trial_id, type(exc).__name__, exc.reason)
-            self._fail(trial_id, exc.reason, retryable=exc.retryable)
+            self._fail(trial_id, exc.reason, retryable=exc.retryable, kind=exc.kind)
             return
         except Exception as exc:  # a bug or an unexpected library error: report it, keep serving
             heartbeat.stop()
             log.exception("trial %s crashed", trial_id)
-            self._fail(trial_id, _summarise(exc), retryable=True)
+            self._fail(trial_id, _summarise(exc), retryable=True, kind="crash")
             return
         seconds = time.monotonic() - started
         if outcome.paused_at is not None:
@@ -443,9 +443,9 @@ class WorkerLoop:
         log.info("trial %s complete: value %s in %.1f s", trial_id,
                  outcome.value if outcome.values is None else outcome.values, seconds)
 
-    def _fail(self, trial_id: int, reason: str, *, retryable: bool) -> None:
-        log.warning("trial %s: fail (retryable=%s): %s", trial_id, retryable, reason)
-        self._persist(lambda: self.client.fail(trial_id, reason, retryable), "fail")
+    def _fail(self, trial_id: int, reason: str, *, retryable: bool, kind: str = "trial") -> None:
+        log.warning("trial %s: fail (%s, retryable=%s): %s", trial_id, kind, retryable, reason)
+        self._persist(lambda: self.client.fail(trial_id, reason, retryable, kind=kind), "fail")
 
     def _persist(self, call: Callable[[], T], what: str) -> T | None:
         """Call until the server answers: trial writes are idempotent, so repeats are safe.

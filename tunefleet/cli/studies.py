@@ -38,7 +38,9 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON ans
 def study_create(
     ctx: typer.Context,
     spec_file: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec, YAML or JSON.")],
-    wait: Annotated[bool, typer.Option(help="Show progress until the study is completed or stopped.")] = False,
+    wait: Annotated[bool, typer.Option(
+        help="Show progress until the study is completed or stopped; exit 1 when it ends without a completed "
+             "trial or pauses itself (its trials kept failing for one reason: model, data or config).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the new study's id.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between progress polls.")] = 2.0,
 ) -> None:
@@ -69,11 +71,16 @@ def _wait_for_study(ctx: typer.Context, study_id: int, interval: float) -> None:
             completed, detail = study_progress(study, running, study.get("max_trials") or 1)
             progress.update(task, completed=completed, total=study.get("max_trials"),
                             description=f"{study.get('name')} [{study.get('state')}] {detail}")
-            if study.get("state") in FINAL_STUDY_STATES:
+            if study.get("state") in FINAL_STUDY_STATES or study.get("state_reason"):
                 break
             time.sleep(interval)
             study = client.get_study(study_id)
     _show_study(client, study)
+    if study.get("state_reason"):
+        raise CliError(study["state_reason"])
+    if not (study.get("counts") or {}).get("complete"):
+        raise CliError(f"study {study_id} ended {study.get('state')} without a completed trial: "
+                       f"`tunefleet trial ls {study_id} --state fail` shows why")
 
 
 @command(study_app, "ls")
@@ -122,6 +129,7 @@ def _show_study(client: Client, study: Mapping[str, Any]) -> None:
     console.print(kv_table({
         "study": f"{study['name']} (id {study['id']})",
         "state": study.get("state"),
+        **({"paused because": study["state_reason"]} if study.get("state_reason") else {}),
         "model": spec.get("model"),
         "task": spec.get("task"),
         "objective": spec.get("objective"),
