@@ -8,11 +8,15 @@ trials read back through the client. Peers from PyPI (SMAC3's multi-fidelity fac
 through a small ask/tell adapter on the same table with the same step accounting.
 
 Compute is optimizer steps: a budget of B full-trial equivalents is B × the mean steps of a recorded
-configuration. A trial stopped at p% of its budget costs ceil(p% × its steps). Peers re-evaluating a
-configuration at a higher fidelity are charged only the extra steps (as if they resumed from a
-checkpoint, which favours them: neither SMAC nor DEHB does so by itself). Only full-budget results
-count as "found": a strategy's incumbent is its best final validation score so far, and we report
-that incumbent's test score too (test never drives the search).
+configuration. A trial stopped at p% of its budget costs ceil(p% × its steps). A resumed trial is charged
+only its extra steps, for every strategy alike: our pausing strategies (ASHA) resume from the checkpoint
+through the server; peers re-evaluating a configuration at a higher fidelity are charged as if they had
+(neither SMAC nor DEHB does so by itself, so this favours them). The timeline of a server run is the
+replay trainer's own ledger, one entry per stretch of training in the order it ran, so a trial paused at
+20% and finished later counts when it really ended. Only full-budget results count as "found": a
+strategy's incumbent is its best final validation score so far, and we report that incumbent's test score
+too (test never drives the search), and how many of the recording's top-5 configurations it trained to
+100% (a late bloomer pruned early is lost).
 
     .venv/bin/python benchmarks/strategies.py --table benchmarks/data/curves-bbc-minilm-v1.jsonl \
         --seeds 20 --budget-trials 20 --out docs/search_quality_results.md --plot docs/img/anytime_regret.png
@@ -74,7 +78,8 @@ REGRET_FLOOR = 1e-3  # a 300-example validation set cannot resolve less than 1/3
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One trial (or one peer evaluation) in the order it ran.
+    """One stretch of training in the order it ran: a trial up to where it stopped or paused, a resumed
+    trial's extra rungs, a peer's evaluation at one fidelity.
 
     `steps_end` is the cumulative compute when it ended; `final` and `test` are set only for a
     configuration trained to the full budget (the only results that count as found).
@@ -191,14 +196,7 @@ def _server_run(sampler: str, pruner: str) -> Callable[[ReplayTable, int, float,
         loop.run()
         with contextlib.suppress(Exception):  # already completed is fine: nothing must lease from it
             client.stop_study(study["id"])
-        charged: dict[int, float] = {}
-        for entry in trainer.trials:
-            charged[entry["trial_id"]] = charged.get(entry["trial_id"], 0.0) + entry["steps"]
-        evaluations = evaluations_from_trials(table, _all_trials(client, study["id"]), charged)
-        if not evaluations or evaluations[-1].steps_end != trainer.steps_used:
-            raise RuntimeError(f"{name}: the trials read back do not account for the replay clock's "
-                               f"{trainer.steps_used} steps")
-        return evaluations
+        return evaluations_from_ledger(trainer.trials, _all_trials(client, study["id"]), table)
 
     return run
 
@@ -212,31 +210,26 @@ def _all_trials(client: Any, study_id: int) -> list[dict[str, Any]]:
             return trials
 
 
-def evaluations_from_trials(table: ReplayTable, trials: Sequence[Mapping[str, Any]],
-                            charged: Mapping[int, float] | None = None) -> list[Evaluation]:
-    """Trials read back from the server, in the order they ran, as evaluations with cumulative steps.
+def evaluations_from_ledger(ledger: Sequence[Mapping[str, Any]], trials: Sequence[Mapping[str, Any]],
+                            table: ReplayTable) -> list[Evaluation]:
+    """The replay trainer's ledger as evaluations: one per stretch of training, in the order they ran.
 
-    A trial's steps are `charged[trial id]` when given (the replay clock's own ledger, which also
-    knows about a run the server never heard the end of), else what the replay reported: the
-    `extra.steps_used` of a COMPLETE trial, the `steps_used` metric of a PRUNED trial's last rung.
-    Trials that cost nothing (never run) are left out.
+    With pausing, a trial's steps are spread over time (paused at 20%, resumed later), so its result counts
+    only where its last stretch ended, never at its trial number's place. Each stretch is charged the steps
+    it ran (a resumed trial only its extra steps). Final and test scores come from the trial as the server
+    holds it; raises RuntimeError when the server does not hold a completion the ledger ran.
     """
+    by_id = {t["id"]: t for t in trials}
     out, total = [], 0.0
-    for trial in sorted(trials, key=lambda t: t["number"]):
-        state = trial["state"]
-        rungs = {int(k): v for k, v in (trial.get("rung_metrics") or {}).items()}
-        if charged is not None:
-            steps = float(charged.get(trial["id"], 0.0))
-        elif state == "COMPLETE":
-            steps = float(trial["extra"]["steps_used"])
-        elif rungs:
-            steps = float(rungs[max(rungs)]["steps_used"])
-        else:
-            steps = 0.0
-        if steps == 0 and state != "COMPLETE":
+    for entry in ledger:
+        done = entry["state"] == "COMPLETE"
+        if entry["steps"] == 0 and not done:
             continue
-        total += steps
-        done = state == "COMPLETE"
+        trial = by_id.get(entry["trial_id"])
+        if trial is None or (done and trial["state"] != "COMPLETE"):
+            raise RuntimeError(f"trial {entry['trial_id']} ran to the end in replay but the server holds "
+                               f"{trial['state'] if trial else 'nothing'}")
+        total += entry["steps"]
         out.append(Evaluation(total, float(trial["value"]) if done else None,
                               _test_value(table, trial["test_metrics"]) if done else None, trial["params"]))
     return out
@@ -256,17 +249,25 @@ class _PeerLedger:
 
     The credit is keyed by the configuration the peer proposed, not by its recorded neighbour: a new
     configuration that happens to map to an already-trained recording would be trained from scratch.
+
+    A proposal that trains nothing new (a configuration already trained that far) costs nothing and adds
+    no evaluation. A peer that makes `MAX_FREE_PROPOSALS` of them in a row has nothing new to try (DEHB
+    on a small space re-proposes forever): its run ends there, and its incumbent stands.
     """
+
+    MAX_FREE_PROPOSALS = 200
 
     def __init__(self, table: ReplayTable, budget_steps: float):
         self.table, self.budget_steps = table, budget_steps
         self.used = 0.0
         self.evaluations: list[Evaluation] = []
         self._reached: dict[str, int] = {}  # proposed configuration -> steps already trained
+        self._free_in_a_row = 0
 
     @property
-    def spent(self) -> bool:
-        return self.used >= self.budget_steps
+    def done(self) -> bool:
+        """The budget is spent, or the peer keeps proposing what it already trained."""
+        return self.used >= self.budget_steps or self._free_in_a_row >= self.MAX_FREE_PROPOSALS
 
     def evaluate(self, params: Mapping[str, Any], pct: float) -> float:
         """The objective at `pct` percent for `params`' nearest recording, charged; returns a cost to minimise."""
@@ -275,11 +276,13 @@ class _PeerLedger:
         steps = record.steps_at(pct)
         extra = max(0, steps - self._reached.get(key, 0))
         self._reached[key] = max(steps, self._reached.get(key, 0))
-        self.used += extra
-        full = pct >= 100
-        self.evaluations.append(Evaluation(self.used, self.table.final(record) if full else None,
-                                           _test_value(self.table, record.test_metrics) if full else None,
-                                           dict(params)))
+        self._free_in_a_row = 0 if extra else self._free_in_a_row + 1
+        if extra:
+            self.used += extra
+            full = pct >= 100
+            self.evaluations.append(Evaluation(self.used, self.table.final(record) if full else None,
+                                               _test_value(self.table, record.test_metrics) if full else None,
+                                               dict(params)))
         value = record.value_at(pct)
         return -value if self.table.direction == "maximize" else value
 
@@ -318,6 +321,7 @@ def _missing(module: str, install: str) -> Callable[[], str | None]:
 
 def _smac_run(table: ReplayTable, seed: int, budget_steps: float, ctx: BenchContext) -> list[Evaluation]:
     from smac import MultiFidelityFacade, Scenario
+    from smac.main.exceptions import ConfigurationSpaceExhaustedException
     from smac.runhistory.dataclasses import TrialValue
 
     ledger = _PeerLedger(table, budget_steps)
@@ -327,8 +331,11 @@ def _smac_run(table: ReplayTable, seed: int, budget_steps: float, ctx: BenchCont
     intensifier = MultiFidelityFacade.get_intensifier(scenario, eta=3)
     smac = MultiFidelityFacade(scenario, lambda config, seed=0, budget=100.0: 0.0, intensifier=intensifier,
                                overwrite=True, logging_level=40)
-    while not ledger.spent:
-        info = smac.ask()
+    while not ledger.done:
+        try:
+            info = smac.ask()
+        except (ConfigurationSpaceExhaustedException, StopIteration):
+            break  # SMAC has no new configuration to try (a small space): its incumbent stands
         cost = ledger.evaluate(_plain(info.config), float(info.budget))
         smac.tell(info, TrialValue(cost=cost), save=False)
     return ledger.evaluations
@@ -342,7 +349,7 @@ def _dehb_run(table: ReplayTable, seed: int, budget_steps: float, ctx: BenchCont
     dehb = DEHB(cs=cs, f=None, dimensions=len(list(cs.values())), min_fidelity=_min_resource_pct(table),
                 max_fidelity=100.0, eta=3, n_workers=1, seed=seed, save_freq="end",
                 output_path=ctx.workdir / f"dehb-{seed}-{uuid.uuid4().hex[:6]}", log_level="WARNING")
-    while not ledger.spent:
+    while not ledger.done:
         job = dehb.ask()  # with a ConfigSpace, job["config"] is already a Configuration
         cost = ledger.evaluate(_plain(job["config"]), float(job["fidelity"]))
         dehb.tell(job, {"fitness": cost, "cost": 0.0})
@@ -357,6 +364,10 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("tpe-hyperband", "TPE + Hyperband (default)", _server_run("tpe", "hyperband")),
         Strategy("random-hyperband", "Random + Hyperband", _server_run("random", "hyperband")),
         Strategy("gp-hyperband", "GP + Hyperband", _server_run("gp", "hyperband")),
+        Strategy("tpe-asha", "TPE + ASHA (pause/resume)", _server_run("tpe", "asha")),
+        Strategy("random-asha", "Random + ASHA (pause/resume)", _server_run("random", "asha")),
+        Strategy("mf-tpe-asha", "MF-TPE (BOHB-style) + ASHA", _server_run("mf-tpe", "asha")),
+        Strategy("mf-tpe-hyperband", "MF-TPE (BOHB-style) + Hyperband", _server_run("mf-tpe", "hyperband")),
         Strategy("smac-mf", "SMAC3 MultiFidelityFacade (peer)", _smac_run, peer=True,
                  available=_missing("smac", "pip install smac")),
         Strategy("dehb", "DEHB (peer)", _dehb_run, peer=True,
@@ -458,7 +469,8 @@ def _mean_ci(values: np.ndarray) -> tuple[float, float]:
 
 
 def summarise(runs: Sequence[Run], table: ReplayTable, fractions: Sequence[float] = FRACTIONS) -> list[dict[str, Any]]:
-    """One row per strategy: incumbent validation/test (mean, CI) at each fraction, and the compute ratio.
+    """One row per strategy: incumbent validation/test and regret (mean, CI) at each fraction, the compute
+    ratio, and how many of the table's top configurations (`top_configurations`) it trained to the end.
 
     The ratio is the median compute a strategy needed to match the reference strategy's (tpe-full)
     mean final best, divided by the reference's own median; `reached` is the share of seeds that
@@ -472,17 +484,23 @@ def summarise(runs: Sequence[Run], table: ReplayTable, fractions: Sequence[float
         finals = np.array([anytime(r, [1.0], table.direction)[0][0] for r in by_strategy[REFERENCE]])
         target = float(np.nanmean(finals))
     reference_median = math.nan
+    top = top_configurations(table)
+    nearest = _NearestCache(table)
+    sign = 1.0 if table.direction == "maximize" else -1.0
     rows = []
     for name, group in by_strategy.items():
         vals = np.array([anytime(r, fractions, table.direction)[0] for r in group])
         tests = np.array([anytime(r, fractions, table.direction)[1] for r in group])
         row: dict[str, Any] = {"strategy": name, "label": STRATEGIES[name].label if name in STRATEGIES else name,
                                "peer": STRATEGIES[name].peer if name in STRATEGIES else False, "seeds": len(group),
-                               "trials": float(np.mean([len(r.evaluations) for r in group])),
-                               "full_trials": float(np.mean([sum(e.final is not None for e in r.evaluations)
-                                                             for r in group]))}
+                               "trials": float(np.mean([_configurations(r, full=False) for r in group])),
+                               "full_trials": float(np.mean([_configurations(r, full=True) for r in group])),
+                               "top": _mean_ci(np.array([len(_top_trained(r, nearest) & top) for r in group],
+                                                        dtype=float)),
+                               "top_size": len(top)}
         for j, fraction in enumerate(fractions):
             row[f"val@{fraction:g}"] = _mean_ci(vals[:, j])
+            row[f"regret@{fraction:g}"] = _mean_ci(sign * (table.best_final() - vals[:, j]))
             row[f"test@{fraction:g}"] = _mean_ci(tests[:, j])
         if math.isfinite(target):
             steps = np.array([steps_to_reach(r, target, table.direction) / r.budget_steps for r in group])
@@ -500,6 +518,41 @@ def summarise(runs: Sequence[Run], table: ReplayTable, fractions: Sequence[float
     for row in rows:
         row.update(row_target)
     return rows
+
+
+def top_configurations(table: ReplayTable, k: int = 5) -> set[int]:
+    """The recorded indices of the `k` best final validation scores, with every configuration tied with the
+    k-th (so the set may hold more than `k`)."""
+    sign = 1.0 if table.direction == "maximize" else -1.0
+    finals = sorted((sign * table.final(r) for r in table.complete), reverse=True)
+    cut = finals[min(k, len(finals)) - 1]
+    return {r.index for r in table.complete if sign * table.final(r) >= cut}
+
+
+class _NearestCache:
+    """The recorded configuration that answered a proposal (`ReplayTable.nearest`), remembered per proposal."""
+
+    def __init__(self, table: ReplayTable):
+        self.table = table
+        self._index: dict[str, int] = {}
+
+    def __call__(self, params: Mapping[str, Any]) -> int:
+        key = json.dumps(dict(params), sort_keys=True, default=str)
+        if key not in self._index:
+            self._index[key] = self.table.nearest(params)[0].index
+        return self._index[key]
+
+
+def _top_trained(run: Run, nearest: _NearestCache) -> set[int]:
+    """The recorded configurations the run trained to 100% within its budget ("no lost late bloomers")."""
+    limit = run.budget_steps + 1e-9
+    return {nearest(e.params) for e in run.evaluations if e.final is not None and e.steps_end <= limit}
+
+
+def _configurations(run: Run, full: bool) -> int:
+    """Distinct configurations a run trained (to the end when `full`): a paused and resumed trial is one."""
+    return len({json.dumps(dict(e.params), sort_keys=True, default=str) for e in run.evaluations
+                if not full or e.final is not None})
 
 
 def regret_curves(runs: Sequence[Run], table: ReplayTable, points: int = 101) -> dict[str, np.ndarray]:
@@ -559,47 +612,46 @@ def _cell(pair: tuple[float, float], digits: int = 3) -> str:
     return "–" if not math.isfinite(mean) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], fractions: Sequence[float] = FRACTIONS) -> str:
-    """The summary as a markdown table (best validation and its test at each fraction, ratio)."""
-    head = ["strategy", "trials (full)"]
-    for f in fractions:
-        head += [f"val @{f:.0%}", f"test @{f:.0%}"]
+def _columns(rows: Sequence[Mapping[str, Any]], fractions: Sequence[float]) -> tuple[list[str], list[list[str]]]:
+    """The summary's header and cells, for the markdown table and the terminal alike."""
+    head = ["strategy", "configs (full)"]
+    head += [f"regret @{f:.0%}" for f in fractions] + [f"test @{f:.0%}" for f in fractions]
     head += ["compute to reach TPE-full's final (median, reached)", "ratio"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    top_sizes = {row["top_size"] for row in rows}
+    head.append(f"top-{'/'.join(map(str, sorted(top_sizes)))} trained to 100%")
+    body = []
     for row in rows:
         cells = [row["label"], f"{row['trials']:.0f} ({row['full_trials']:.0f})"]
-        for f in fractions:
-            cells += [_cell(row[f"val@{f:g}"]), _cell(row[f"test@{f:g}"])]
+        cells += [_cell(row[f"regret@{f:g}"]) for f in fractions] + [_cell(row[f"test@{f:g}"]) for f in fractions]
         frac = row.get("median_fraction", math.nan)
         reach = f"{frac:.0%}" if math.isfinite(frac) else "> 100%"
         cells += [f"{reach} ({row.get('reached', math.nan):.0%})",
-                  f"{row['ratio']:.2f}" if math.isfinite(row["ratio"]) else "–"]
-        lines.append("| " + " | ".join(cells) + " |")
+                  f"{row['ratio']:.2f}" if math.isfinite(row["ratio"]) else "–", _cell(row["top"], 1)]
+        body.append(cells)
+    return head, body
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], fractions: Sequence[float] = FRACTIONS) -> str:
+    """The summary as a markdown table (regret and the incumbent's test score at each fraction, ratio, top)."""
+    head, body = _columns(rows, fractions)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines)
 
 
 def print_rich(rows: Sequence[Mapping[str, Any]], fractions: Sequence[float] = FRACTIONS) -> None:
-    """Print the summary with rich (the same numbers as `markdown_table`)."""
+    """Print the summary with rich (the same columns as `markdown_table`)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="best final validation (and its test score) at a share of the compute; mean ± 95% CI")
-    table.add_column("strategy")
-    table.add_column("trials (full)", justify="right")
-    for f in fractions:
-        table.add_column(f"val @{f:.0%}", justify="right")
-        table.add_column(f"test @{f:.0%}", justify="right")
-    table.add_column("to reach TPE-full", justify="right")
-    table.add_column("ratio", justify="right")
-    for row in rows:
-        cells = [row["label"], f"{row['trials']:.0f} ({row['full_trials']:.0f})"]
-        for f in fractions:
-            cells += [_cell(row[f"val@{f:g}"]), _cell(row[f"test@{f:g}"])]
-        frac = row.get("median_fraction", math.nan)
-        cells += [(f"{frac:.0%}" if math.isfinite(frac) else ">100%") + f" ({row.get('reached', math.nan):.0%})",
-                  f"{row['ratio']:.2f}" if math.isfinite(row["ratio"]) else "–"]
+    head, body = _columns(rows, fractions)
+    table = Table(title="regret of the incumbent (best recorded − best final validation found) and its test "
+                        "score at a share of the compute; mean ± 95% CI over seeds")
+    for i, name in enumerate(head):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for cells in body:
         table.add_row(*cells)
-    Console(width=200).print(table)
+    Console(width=240).print(table)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

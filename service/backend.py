@@ -27,7 +27,7 @@ from tunefleet.service.db import engine_kwargs, make_engine, transaction
 from tunefleet.service.errors import NotFound
 from tunefleet.service.search import build_pruner, build_sampler, distributions
 from tunefleet.service.spec import StudySpec
-from tunefleet.service.storage import ServerStorage
+from tunefleet.service.storage import ServerStorage, one_thread_for_gp
 from tunefleet.service.tables import Lease
 from tunefleet.service.tables import Study as StudyRow
 
@@ -36,7 +36,8 @@ __all__ = ["Backend", "StudyRuntime"]
 log = logging.getLogger(__name__)
 _ADVISORY_NAMESPACE = 0x7466  # "tf": first key of pg_advisory_lock(int, int)
 _TRIAL_LOCK_STRIPES = 256
-# GPSampler changes process-wide torch thread settings while it optimises: one GP ask at a time.
+# GPSampler changes process-wide torch thread settings while it optimises, and its asks run with one torch
+# thread (`one_thread_for_gp`): one GP ask at a time.
 _GP_LOCK = threading.Lock()
 
 
@@ -141,7 +142,8 @@ class Backend:
         """Serialise `ask` for one study: a thread lock here, plus an advisory lock across server replicas
         on PostgreSQL, so two replicas never hand out the same trial or interleave sampler state."""
         gp = runtime.spec.search.sampler == "gp"
-        with runtime.lock, (_GP_LOCK if gp else contextlib.nullcontext()):
+        with runtime.lock, (_GP_LOCK if gp else contextlib.nullcontext()), \
+                (one_thread_for_gp() if gp else contextlib.nullcontext()):
             if not self.is_postgres:
                 yield
                 return

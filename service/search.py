@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
+from tunefleet.service.multifidelity import MultiFidelityTPESampler
 from tunefleet.service.spec import CategoricalParam, FloatParam, IntParam, PrunerName, SamplerName, StudySpec
 
 __all__ = ["PRUNERS", "SAMPLERS", "build_pruner", "build_sampler", "distributions", "search_problems"]
@@ -54,6 +55,14 @@ def _tpe(spec: StudySpec) -> optuna.samplers.BaseSampler:
     )
 
 
+def _mf_tpe(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    # BOHB's minimum for a model: d + 1 observations at a rung, d the number of searched parameters.
+    s = spec.search
+    return MultiFidelityTPESampler(spec.rungs(), min_points=max(s.n_startup_trials, len(spec.search_space) + 1),
+                                   seed=s.seed, multivariate=s.multivariate, constant_liar=s.constant_liar,
+                                   **s.sampler_options)
+
+
 def _gp(spec: StudySpec) -> optuna.samplers.BaseSampler:
     return optuna.samplers.GPSampler(seed=spec.search.seed, n_startup_trials=spec.search.n_startup_trials,
                                      **spec.search.sampler_options)
@@ -88,6 +97,7 @@ def _nsga2(spec: StudySpec) -> optuna.samplers.BaseSampler:
 
 SAMPLERS: dict[SamplerName, Callable[[StudySpec], optuna.samplers.BaseSampler]] = {
     "tpe": _tpe,
+    "mf-tpe": _mf_tpe,
     "gp": _gp,
     "random": _random,
     "grid": _grid_sampler,

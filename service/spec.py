@@ -49,7 +49,7 @@ __all__ = [
 # lists the choices and a wrong name is refused with them), and the other catalogues are keyed by them.
 TaskName = Literal["sequence-classification", "token-classification", "causal-lm"]
 # Keys of tunefleet.service.search.SAMPLERS / PRUNERS, the builders (tests/test_catalogues.py pins them).
-SamplerName = Literal["tpe", "gp", "random", "grid", "cmaes", "nsga2"]
+SamplerName = Literal["tpe", "mf-tpe", "gp", "random", "grid", "cmaes", "nsga2"]
 PrunerName = Literal["hyperband", "successive_halving", "median", "asha", "none"]
 # Pruners that answer "pause" (the trial saves a checkpoint and frees its worker; it may be resumed later).
 PAUSING_PRUNERS: tuple[PrunerName, ...] = ("asha",)

@@ -38,6 +38,11 @@ reads a private attribute of an Optuna object (a test checks it); they go throug
   (`study_storage_id`): Optuna has no public accessor for the storage ids.
 - `optuna._typing.JSONSerializable`: the type of system attributes.
 - `OPTUNA_VERSION_TABLE` (`version_info`): the table whose presence means Optuna's schema exists.
+- `optuna._gp.thread_limiting.limit_threads_in_optimization` (`one_thread_for_gp`): torch's intra-op threads
+  set to 1, which Optuna applies only inside its GP fit and acquisition optimiser; the server applies it to
+  the whole GP ask (the server itself never imports torch).
+- `HyperbandPruner`'s bracket view of a study (`_BracketStudy._study`, `whole_study`): a sampler that models
+  the whole study across fidelities (service/multifidelity.py) reads every bracket's trials.
 
 `tests/test_storage.py` checks the writes here against RDBStorage's own reads (a differential test).
 """
@@ -58,6 +63,7 @@ from typing import Any
 import optuna
 import sqlalchemy as sa
 from optuna import distributions
+from optuna._gp.thread_limiting import limit_threads_in_optimization
 from optuna._typing import JSONSerializable
 from optuna.storages import RDBStorage
 from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
@@ -73,8 +79,8 @@ from optuna.storages._rdb.models import (
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.dialects import postgresql, sqlite
 
-__all__ = ["OPTUNA_VERSION_TABLE", "ServerStorage", "optuna_now", "study_id_of_trial", "study_storage_id",
-           "trial_storage_id", "unleased_running_trials"]
+__all__ = ["OPTUNA_VERSION_TABLE", "ServerStorage", "one_thread_for_gp", "optuna_now", "study_id_of_trial",
+           "study_storage_id", "trial_storage_id", "unleased_running_trials", "whole_study"]
 
 OPTUNA_VERSION_TABLE = "version_info"
 
@@ -85,6 +91,21 @@ _UPDATABLE = (TrialState.RUNNING, TrialState.WAITING)
 
 def _state(value: Any) -> TrialState:
     return value if isinstance(value, TrialState) else TrialState[str(value)]
+
+
+def one_thread_for_gp() -> contextlib.AbstractContextManager[None]:
+    """Torch's intra-op threads (and OpenBLAS's) set to 1 until the block ends, then restored: wrap a whole
+    `GPSampler` ask in it. Optuna limits threads only inside its GP fit and acquisition optimiser; the rest of
+    the ask ran with torch's default threads competing with NumPy's, and on 2 shared cores a 100-trial GP study
+    took over 10 minutes instead of 15-40 s. The setting is process-wide: hold one lock over every GP ask."""
+    return limit_threads_in_optimization()
+
+
+def whole_study(study: optuna.Study) -> optuna.Study:
+    """The study a sampler was asked for: under `HyperbandPruner`, Optuna hands samplers a view holding only
+    the asking trial's bracket; this returns the study behind it (any other study as it is)."""
+    inner = getattr(study, "_study", None)
+    return inner if isinstance(inner, optuna.Study) else study
 
 
 def trial_storage_id(trial: FrozenTrial | optuna.Trial) -> int:

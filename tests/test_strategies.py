@@ -1,0 +1,96 @@
+"""The strategy benchmark's accounting (benchmarks/strategies.py): a paused trial's result counts when it really
+ended, peers that run out of new configurations end with their incumbent, the top-5 count; and the pausing
+strategies (ASHA, the multi-fidelity TPE) through the real server on the SYNTHETIC table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.strategies import (
+    Evaluation,
+    Run,
+    _PeerLedger,
+    evaluations_from_ledger,
+    run_benchmark,
+    summarise,
+    top_configurations,
+)
+from tunefleet.workers.replay import ReplayTable
+
+TINY = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "curves-synthetic-tiny.jsonl"
+
+
+@pytest.fixture(scope="module")
+def table() -> ReplayTable:
+    return ReplayTable.load(TINY)
+
+
+def _trial(trial_id: int, value: float | None) -> dict:
+    return {"id": trial_id, "state": "COMPLETE" if value is not None else "RUNNING", "value": value,
+            "params": {"x": trial_id}, "test_metrics": {"accuracy": value} if value is not None else {}}
+
+
+def test_a_paused_trial_counts_where_its_last_stretch_ended_not_at_its_number(table: ReplayTable) -> None:
+    ledger = [  # trial 1 paused at 20%, trial 2 ran to the end, then trial 1 was resumed and finished
+        {"trial_id": 1, "steps": 2, "state": "PAUSED"},
+        {"trial_id": 2, "steps": 10, "state": "COMPLETE"},
+        {"trial_id": 1, "steps": 8, "state": "COMPLETE"},
+    ]
+    evaluations = evaluations_from_ledger(ledger, [_trial(1, 0.9), _trial(2, 0.5)], table)
+    assert [(e.steps_end, e.final) for e in evaluations] == [(2, None), (12, 0.5), (20, 0.9)]
+    with pytest.raises(RuntimeError, match="server holds RUNNING"):
+        evaluations_from_ledger(ledger, [_trial(1, None), _trial(2, 0.5)], table)
+
+
+def test_a_peer_that_only_reproposes_what_it_trained_ends_with_its_incumbent(table: ReplayTable) -> None:
+    ledger = _PeerLedger(table, budget_steps=1e9)
+    params = dict(table.records[0].params)
+    ledger.evaluate(params, 100)
+    for _ in range(_PeerLedger.MAX_FREE_PROPOSALS - 1):
+        ledger.evaluate(params, 100)
+        ledger.evaluate(params, 20)  # lower fidelity of a trained configuration: free too
+    assert ledger.done and len(ledger.evaluations) == 1
+    assert ledger.evaluations[0].final == table.final(table.records[0])
+
+
+def test_smac_ends_when_its_space_is_exhausted_and_keeps_its_incumbent(table: ReplayTable, tmp_path: Path) -> None:
+    pytest.importorskip("smac")
+    from benchmarks.strategies import BenchContext, _smac_run
+
+    spec = dict(table.spec, search_space={"method": table.space["method"]})  # two configurations in all
+    small = ReplayTable(table.records, spec, table.meta)
+    evaluations = _smac_run(small, 0, 100 * small.mean_total_steps(), BenchContext(None, tmp_path))
+    assert evaluations[-1].steps_end < 100 * small.mean_total_steps(), "it ran out of configurations first"
+    assert any(e.final is not None for e in evaluations)
+
+
+def test_top_configurations_include_ties_and_each_run_counts_those_it_trained_to_the_end(table: ReplayTable) -> None:
+    top = top_configurations(table, k=5)
+    assert len(top) >= 5
+    best = [r for r in table.complete if r.index in top]
+    others = [r for r in table.complete if r.index not in top]
+    assert min(map(table.final, best)) > max(map(table.final, others))
+    found, missed = best[0], best[1]
+    steps = 6 * table.mean_total_steps()
+    run = Run("x", 0, steps, [Evaluation(1.0, table.final(found), 0.5, dict(found.params)),
+                              Evaluation(2.0, None, None, dict(missed.params)),  # paused, never finished
+                              Evaluation(steps + 1, table.final(missed), 0.5, dict(missed.params))])  # too late
+    (row,) = summarise([run], table)
+    assert row["top"][0] == 1 and row["top_size"] == len(top)
+    assert row["trials"] == 2 and row["full_trials"] == 2
+
+
+@pytest.mark.parametrize("strategy", ["tpe-asha", "mf-tpe-asha", "mf-tpe-hyperband"])
+def test_pausing_and_multi_fidelity_strategies_run_through_the_server(table: ReplayTable, strategy: str) -> None:
+    budget_trials = 15.0  # enough for ASHA's cut to move and promote a paused trial
+    budget = budget_trials * table.mean_total_steps()
+    (run,) = run_benchmark(table, [strategy], [0], budget_trials, progress=lambda _: None)
+    steps = [e.steps_end for e in run.evaluations]
+    assert steps == sorted(steps) and budget <= steps[-1], "the ledger's timeline spends the whole budget"
+    assert any(e.final is not None for e in run.evaluations)
+    if strategy.endswith("asha"):
+        configurations = {tuple(sorted(e.params.items())) for e in run.evaluations}
+        assert len(run.evaluations) > len(configurations), "some trial paused and was resumed later"
+    assert all(e.final is None or e.test is not None for e in run.evaluations)
