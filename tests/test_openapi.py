@@ -312,3 +312,19 @@ def test_database_errors_answer_503_when_the_database_is_away_and_500_otherwise(
         answer = client.get(f"/boom/{name}")
         assert answer.status_code == 500 and "retry-after" not in answer.headers, name
         assert set(answer.json()) == {"detail"} and "request id" in answer.json()["detail"], name
+
+
+def test_api_pages_load_their_scripts_from_the_server_not_a_cdn(server: LiveServer) -> None:
+    import re
+
+    import httpx
+
+    with httpx.Client(base_url=server.url) as http:
+        for page in ("/docs", "/redoc"):
+            html = http.get(page)
+            assert html.status_code == 200 and "cdn" not in html.text.lower(), page
+            assets = re.findall(r'(?:src|href)="(/[^"]+\.(?:js|css))"', html.text)
+            assert assets, f"{page} names no script of its own"
+            for asset in assets:
+                served = http.get(asset)
+                assert served.status_code == 200 and len(served.content) > 10_000, asset

@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi_offline import FastAPIOffline
 from optuna.exceptions import StorageInternalError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
@@ -362,8 +363,10 @@ def create_app(settings: Settings | None = None, *, auth_enabled: bool | None = 
             reaper.join(timeout=10)
             backend.close()
 
-    app = FastAPI(title="tunefleet", version=__version__, lifespan=lifespan,
-                  description="Hyperparameter optimisation for fine-tuning language models. See docs/api.md.")
+    # Swagger UI (/docs) and ReDoc (/redoc) from files inside the installed fastapi-offline package, not a CDN:
+    # an air-gapped cluster gets working API pages.
+    app = FastAPIOffline(title="tunefleet", version=__version__, lifespan=lifespan,
+                         description="Hyperparameter optimisation for fine-tuning language models. See docs/api.md.")
     app.state.auth_enabled = settings.auth_enabled() if auth_enabled is None else auth_enabled
     # /metrics: a token of any role when TUNEFLEET_METRICS_AUTH says so, else whenever auth is on.
     app.state.metrics_auth = app.state.auth_enabled if settings.metrics_auth is None else settings.metrics_auth
