@@ -272,6 +272,10 @@ class Client:
         """GET /studies/{id}; raises NotFoundError."""
         return self._json("GET", f"/studies/{study_id}")
 
+    def enqueue_trial(self, study_id: int, params: Mapping[str, Any], note: str = "") -> dict[str, Any]:
+        """POST /studies/{id}/trials: queue a configuration to run next; returns the WAITING Trial."""
+        return self._json("POST", f"/studies/{study_id}/trials", json={"params": dict(params), "note": note})
+
     def pause_study(self, study_id: int) -> dict[str, Any]:
         """POST /studies/{id}/pause; raises NotFoundError, ConflictError."""
         return self._json("POST", f"/studies/{study_id}/pause")

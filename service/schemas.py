@@ -12,10 +12,10 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from tunefleet.service.spec import FailureKind, ReportAction
 
 __all__ = [
-    "ArtifactOut", "CheckpointRef", "CompleteIn", "ErrorItem", "ErrorOut", "FailIn", "HeartbeatIn", "HeartbeatOut",
-    "LeaseIn", "LeaseOut", "Page", "PauseIn", "Problem", "ReportIn", "ReportOut", "ResumeOut", "StudyOut",
-    "TokenIn", "TokenOut", "TrialOut", "ValidationErrorOut", "printable", "storable_problems", "storable_text",
-    "text_problem",
+    "ArtifactOut", "CheckpointRef", "CompleteIn", "EnqueueIn", "ErrorItem", "ErrorOut", "FailIn", "HeartbeatIn",
+    "HeartbeatOut", "LeaseIn", "LeaseOut", "Page", "PauseIn", "Problem", "ReportIn", "ReportOut", "ResumeOut",
+    "StudyOut", "TokenIn", "TokenOut", "TrialOut", "ValidationErrorOut", "printable", "storable_problems",
+    "storable_text", "text_problem",
 ]
 
 T = TypeVar("T")
@@ -322,6 +322,11 @@ class CompleteIn(_In):
     validation_metrics: dict[str, Any] = Field(default_factory=dict)
     test_metrics: dict[str, Any] = Field(default_factory=dict)
     extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class EnqueueIn(_In):
+    params: dict[str, Any] = Field(description="values of searched parameters; the sampler fills the others")
+    note: str = Field("", max_length=500, description="why it was enqueued (a user attribute of the trial)")
 
 
 class FailIn(_In):

@@ -348,16 +348,17 @@ class StudySpec(_Strict):
             problems.extend(self._baseline_problems())
         return problems
 
-    def _baseline_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
-        assert self.baseline is not None
+    def param_problems(self, params: Mapping[str, Any], where: tuple[str | int, ...]
+                       ) -> list[tuple[tuple[str | int, ...], str]]:
+        """Why `params` (a configuration to run) do not fit the search space: an unsearched name, a value
+        outside its range or choices; each as (field path under `where`, message)."""
         problems: list[tuple[tuple[str | int, ...], str]] = []
-        for name, value in self.baseline.items():
-            if name in self.fixed:
-                continue
+        for name, value in params.items():
             param = self.search_space.get(name)
-            loc = ("baseline", name)
+            loc = (*where, name)
             if param is None:
-                problems.append((loc, f"{name} is neither searched nor fixed; add it to search_space or drop it"))
+                problems.append((loc, f"{name} is neither searched nor fixed; add it to search_space or drop it"
+                                 if name not in self.fixed else f"{name} is fixed in this study; drop it"))
             elif isinstance(param, CategoricalParam):
                 if value not in param.choices:
                     problems.append((loc, f"{value!r} is not one of the choices {param.choices}"))
@@ -365,6 +366,17 @@ class StudySpec(_Strict):
                 problems.append((loc, f"{value!r} is not a number; give a value in [{param.low}, {param.high}]"))
             elif not (param.low <= value <= param.high):
                 problems.append((loc, f"{value} lies outside [{param.low}, {param.high}]; move it inside the range"))
+            elif isinstance(param, IntParam) and value != int(value):
+                problems.append((loc, f"{value} is not an integer; {name} takes whole numbers"))
+        return problems
+
+    def _baseline_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        assert self.baseline is not None
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for name, value in self.baseline.items():
+            if name in self.fixed:
+                continue
+            problems.extend(self.param_problems({name: value}, ("baseline",)))
         missing = [n for n in self.search_space if n not in self.baseline]
         if missing:
             problems.append((("baseline",), f"the baseline must give every searched parameter; add {missing}"))

@@ -30,7 +30,8 @@ from tunefleet.service.tables import Study as StudyRow
 
 __all__ = [
     "Usage", "create_study", "delete_study", "get_study", "get_trial", "list_studies", "list_trials",
-    "aware", "finish_paused", "maybe_complete", "pause_if_failing", "paused_trials", "set_study_state", "usage",
+    "aware", "enqueue_trial", "finish_paused", "maybe_complete", "pause_if_failing", "paused_trials",
+    "set_study_state", "usage",
 ]
 
 log = logging.getLogger(__name__)
@@ -383,6 +384,29 @@ def maybe_complete(backend: Backend, runtime: StudyRuntime) -> None:
         delete_checkpoints(backend, trial_id)
 
 
+def enqueue_trial(backend: Backend, study_id: int, params: dict[str, Any], note: str = "") -> TrialOut:
+    """Queue a configuration to run before the sampler's own (known-good settings, a warm start by hand):
+    a WAITING trial with `params` (the sampler fills parameters left out). It counts against the budget when
+    it runs, like any trial. InvalidInput (422) names each parameter that does not fit the search space;
+    Conflict (409) when the study will not run it (stopped or completed)."""
+    runtime = backend.runtime(study_id)
+    problems = runtime.spec.param_problems(params, ("body", "params"))
+    if problems:
+        errors = [{"loc": list(loc), "msg": msg, "type": "value_error"} for loc, msg in problems]
+        raise InvalidInput(f"params.{problems[0][0][-1]}: {problems[0][1]}", errors)
+    with backend.session() as session:
+        row = session.get(StudyRow, study_id)
+        if row is None or row.state not in ("running", "paused"):
+            raise Conflict(f"study {study_id} is {row.state if row else 'gone'}: it runs no more trials; "
+                           "enqueue into a running or paused study")
+    attrs: dict[str, Any] = {"enqueued": note or True}
+    with backend.ask_lock(runtime):  # Optuna numbers trials in order: not beside a concurrent ask
+        runtime.study.enqueue_trial(params, user_attrs=attrs)
+        waiting = runtime.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    log.info("study %s: trial enqueued with %s", study_id, params)
+    return get_trial(backend, trial_storage_id(waiting[-1]))
+
+
 def pause_if_failing(backend: Backend, runtime: StudyRuntime) -> bool:
     """Pause a running study whose last `budget.max_consecutive_failures` finished trials all failed for one
     reason of the study's own (model, data, config): every further trial would fail alike and spend the
@@ -424,7 +448,8 @@ def _trial_view(t: FrozenTrial, study_id: int, leases: dict[int, Lease],
     lease = leases.get(trial_storage_id(t))
     attrs = dict(t.user_attrs)
     return TrialOut(
-        id=trial_storage_id(t), study_id=study_id, number=t.number, state=t.state.name, params=t.params,
+        id=trial_storage_id(t), study_id=study_id, number=t.number, state=t.state.name,
+        params=t.params or dict(t.system_attrs.get("fixed_params") or {}),  # a waiting trial: its enqueued values
         value=t.value if t.values is not None and len(t.values) == 1 else None,
         values=list(t.values) if t.values is not None else None,
         intermediate_values=dict(t.intermediate_values),

@@ -71,6 +71,7 @@ def _offline_app() -> Any:
 
 SUCCESS = {
     ("POST", "/api/v1/studies"): {"201"},
+    ("POST", "/api/v1/studies/{study_id}/trials"): {"201"},
     ("DELETE", "/api/v1/studies/{study_id}"): {"204"},
     ("POST", "/api/v1/leases"): {"200", "204"},
     ("POST", "/api/v1/tokens"): {"201"},
@@ -84,7 +85,7 @@ CONFLICTS = {  # the routes that can answer 409
     ("POST", "/api/v1/trials/{trial_id}/reports"), ("POST", "/api/v1/trials/{trial_id}/complete"),
     ("POST", "/api/v1/trials/{trial_id}/fail"), ("POST", "/api/v1/trials/{trial_id}/pause"),
     ("PUT", "/api/v1/trials/{trial_id}/artifacts/{name}"),
-    ("POST", "/api/v1/projects"),
+    ("POST", "/api/v1/projects"), ("POST", "/api/v1/studies/{study_id}/trials"),
 }
 
 

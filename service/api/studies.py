@@ -12,7 +12,7 @@ from pydantic_core import CoreSchema
 from tunefleet.service import studies
 from tunefleet.service.api.deps import BackendDep, Reader, UserOrAdmin, errors
 from tunefleet.service.errors import InvalidInput, NotFound
-from tunefleet.service.schemas import Page, StudyOut, TrialOut, storable_text
+from tunefleet.service.schemas import EnqueueIn, Page, StudyOut, TrialOut, storable_text
 from tunefleet.service.spec import StudySpec
 
 router = APIRouter(prefix="/api/v1/studies", tags=["studies"])
@@ -69,6 +69,15 @@ def list_studies(backend: BackendDep, principal: Reader, state: str | None = Non
 def get_study(backend: BackendDep, principal: Reader, study_id: int) -> StudyOut:
     studies.check_study_access(backend, principal, study_id)
     return studies.get_study(backend, study_id)
+
+
+@router.post("/{study_id}/trials", status_code=status.HTTP_201_CREATED, response_model=TrialOut,
+             responses=errors(404, 409, 422))
+def enqueue_trial(backend: BackendDep, principal: UserOrAdmin, study_id: int, body: EnqueueIn) -> TrialOut:
+    """Queue a configuration (known-good settings, a warm start by hand): it runs before the sampler's own
+    proposals and counts against the budget when it runs. 422 names each parameter outside the search space."""
+    studies.check_study_access(backend, principal, study_id, write=True)
+    return studies.enqueue_trial(backend, study_id, body.params, body.note)
 
 
 @router.post("/{study_id}/{action}", response_model=StudyOut, responses=errors(404, 409, 422))

@@ -43,19 +43,54 @@ def study_create(
              "trial or pauses itself (its trials kept failing for one reason: model, data or config).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the new study's id.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between progress polls.")] = 2.0,
+    enqueue: Annotated[Path | None, typer.Option(
+        help="YAML or JSON list of configurations (parameter: value mappings) to run first, after the baseline.",
+        show_default=False)] = None,
 ) -> None:
     """Submit a study spec; prints the new study's id."""
     from tunefleet.service.spec import parse_spec_text
 
     if not spec_file.is_file():
         raise CliError(f"no spec file at {spec_file}")
-    study = client_for(ctx).create_study(parse_spec_text(spec_file.read_text()))
+    data = parse_spec_text(spec_file.read_text())
+    configurations = _configurations(enqueue, data) if enqueue else []
+    client = client_for(ctx)
+    study = client.create_study(data)
+    for params in configurations:
+        client.enqueue_trial(study["id"], params, note=f"from {enqueue.name}" if enqueue else "")
     if quiet:
         console.print(study["id"])
     else:
         console.print(f"[green]created study[/] [bold]{escape(study['name'])}[/] with id [bold]{study['id']}[/]")
     if wait:
         _wait_for_study(ctx, study["id"], interval)
+
+
+def _configurations(path: Path, spec: Any) -> list[dict[str, Any]]:
+    """The list of parameter mappings in a YAML or JSON file, checked against the spec's search space before
+    the study is created (nothing half-made); CliError when it is not one, or a value does not fit."""
+    import yaml
+
+    from tunefleet.service.spec import SpecError, validate_spec
+
+    if not path.is_file():
+        raise CliError(f"no file at {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CliError(f"{path} is not YAML or JSON: {exc}") from None
+    if not isinstance(data, list) or not all(isinstance(c, dict) for c in data):
+        raise CliError(f"{path} must hold a list of configurations, e.g. [{{learning_rate: 0.0003, lora_r: 16}}]")
+    try:
+        checked = validate_spec(spec)
+    except SpecError:
+        return data  # the server names the spec's own problems
+    for i, params in enumerate(data):
+        problems = checked.param_problems(params, (path.name, i))
+        if problems:
+            loc, msg = problems[0]
+            raise CliError(f"{'.'.join(map(str, loc))}: {msg}")
+    return data
 
 
 def _wait_for_study(ctx: typer.Context, study_id: int, interval: float) -> None:

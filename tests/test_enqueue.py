@@ -1,0 +1,67 @@
+"""Enqueueing configurations: POST /studies/{id}/trials and `study create --enqueue`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tests.conftest import LiveServer, study_spec
+from tunefleet.cli import app
+from tunefleet.service.client import ApiError, Client, ConflictError
+
+
+def test_an_enqueued_configuration_runs_next_with_its_values_and_counts_in_the_budget(server: LiveServer) -> None:
+    with Client(server.url) as client:
+        study = client.create_study(study_spec("enq", budget={"max_trials": 3}))
+        queued = client.enqueue_trial(study["id"], {"learning_rate": 3e-4, "method": "full"}, note="from a paper")
+        assert queued["state"] == "WAITING" and queued["user_attrs"]["enqueued"] == "from a paper"
+        first = client.lease("w", {}, "h")
+        assert first["is_baseline"], "the baseline still runs first"
+        client.complete(first["trial_id"], value=0.5)
+        second = client.lease("w", {}, "h")
+        assert second["trial_id"] == queued["id"]
+        assert second["params"]["learning_rate"] == 3e-4 and second["params"]["method"] == "full"
+        assert second["params"]["lora_r"] in (4, 8, 16, 32), "the sampler fills what was left out"
+        client.complete(second["trial_id"], value=0.6)
+        assert client.get_study(study["id"])["trials_used"] == 2
+
+
+@pytest.mark.parametrize(("params", "where", "says"), [
+    ({"learning_rate": 5.0}, "learning_rate", "outside"),
+    ({"method": "qlora"}, "method", "choices"),
+    ({"dropout": 0.1}, "dropout", "neither searched nor fixed"),
+    ({"max_steps": 10}, "max_steps", "fixed in this study"),
+    ({"lora_r": "big"}, "lora_r", "choices"),
+])
+def test_a_configuration_outside_the_search_space_is_422_naming_the_parameter(server: LiveServer, params, where,
+                                                                                says) -> None:
+    with Client(server.url) as client:
+        study = client.create_study(study_spec("enq-bad"))
+        with pytest.raises(ApiError) as caught:
+            client.enqueue_trial(study["id"], params)
+        assert caught.value.status_code == 422 and where in caught.value.message and says in caught.value.message
+        assert client.list_trials(study["id"], state="waiting")["total"] == 1, "only the baseline waits"
+        client.stop_study(study["id"])
+        with pytest.raises(ConflictError):
+            client.enqueue_trial(study["id"], {"learning_rate": 1e-4})
+
+
+def test_study_create_enqueue_checks_the_file_before_creating_anything(server: LiveServer, tmp_path: Path) -> None:
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(study_spec("cli-enq")))
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(yaml.safe_dump([{"learning_rate": 3e-4}, {"learning_rate": 1e-3, "lora_r": 16}]))
+    bad.write_text(yaml.safe_dump([{"learning_rate": 3e-4}, {"learning_rate": 1e-3, "lora_r": 17}]))
+    runner = CliRunner()
+    refused = runner.invoke(app, ["--server", server.url, "study", "create", str(spec_file), "--enqueue", str(bad)])
+    assert refused.exit_code == 1 and "bad.yaml.1.lora_r" in refused.output
+    with Client(server.url) as client:
+        assert client.list_studies()["total"] == 0, "nothing was created"
+        made = runner.invoke(app, ["--server", server.url, "study", "create", str(spec_file), "--enqueue", str(good),
+                                   "-q"])
+        assert made.exit_code == 0, made.output
+        waiting = client.list_trials(int(made.output.strip()), state="waiting")["items"]
+    assert [t["params"].get("learning_rate") for t in waiting] == [5e-5, 3e-4, 1e-3]
