@@ -173,11 +173,13 @@ def test_a_holder_that_dies_after_a_pause_answer_leaves_the_trial_paused_at_its_
 
 # ---- whole studies -----------------------------------------------------------------------------------------
 
-def test_simulated_workers_run_an_asha_study_to_completion_with_promotions(server: LiveServer,
-                                                                            tmp_path: Path) -> None:
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_simulated_workers_run_an_asha_study_to_completion_with_promotions(
+        database: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    url = request.getfixturevalue("pg_url" if database == "postgresql" else "sqlite_url")
     spec = _asha_spec("asha-sim", budget={"max_trials": 24})
     spec["search_space"]["method"] = {"type": "categorical", "choices": ["lora", "full"]}  # upload and node
-    with Client(server.url) as client:
+    with LiveServer(make_settings(url, tmp_path / "server")) as server, Client(server.url) as client:
         study = client.create_study(spec)
         codes = run_simulated_workers(server.url, None, 4, timeout=240, workdir=tmp_path, seconds_per_rung=0.05)
         assert codes == [0, 0, 0, 0]

@@ -73,12 +73,14 @@ def write_bbc_news(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
 
 
 def demo_spec(data_dir: str | Path, *, name: str = "demo-bbc-minilm", max_trials: int = 16) -> dict[str, Any]:
-    """The demo study: tune all-MiniLM-L6-v2 on BBC News topic classification (accuracy), TPE + Hyperband.
+    """The demo study: tune all-MiniLM-L6-v2 on BBC News topic classification (accuracy), TPE + ASHA.
 
     Sized for 2 CPU cores: 400 training articles, 96 tokens, 2 epochs (50 steps of 16), 200 validation
-    and 200 test articles (`max_eval_samples`); Hyperband stops most poor trials at 20% (step 10).
-    The baseline is LoRA with "library defaults" (r=8, lr 5e-5), which barely learns in 50 steps:
-    LoRA needs a higher learning rate than full fine-tuning, which is what the search should find.
+    and 200 test articles (`max_eval_samples`); ASHA pauses most trials at 20% (step 10) and resumes the
+    promising ones from their checkpoints.
+    The baseline is what a user gets without tuning: `transformers`' `TrainingArguments` defaults, i.e. full
+    fine-tuning at lr 5e-5 with no warmup and no weight decay (`lora_r` is unused by full fine-tuning), so
+    "tuned vs default" is an honest number rather than a comparison with a configuration nobody would run.
     """
     data_dir = Path(data_dir)
     return {
@@ -99,8 +101,11 @@ def demo_spec(data_dir: str | Path, *, name: str = "demo-bbc-minilm", max_trials
         },
         "fixed": {"num_epochs": 2, "per_device_batch_size": 16, "max_seq_length": 96, "train_size": 400,
                   "eval_batch_size": 64},
-        "baseline": {"method": "lora", "learning_rate": 5e-5, "lora_r": 8, "weight_decay": 0.0, "warmup_ratio": 0.0},
-        "search": {"sampler": "tpe", "pruner": "hyperband", "min_resource": 0.2, "reduction_factor": 3, "seed": 0,
+        "baseline": {"method": "full", "learning_rate": 5e-5, "lora_r": 8, "weight_decay": 0.0, "warmup_ratio": 0.0},
+        # ASHA pauses a trial below the top third of its rung and resumes it from its checkpoint when later
+        # trials move the cut: on this task's recorded curves it needs 0.38x the compute of full-budget TPE
+        # to match its result, against 0.95x for TPE + Hyperband (docs/search_quality.md).
+        "search": {"sampler": "tpe", "pruner": "asha", "min_resource": 0.2, "reduction_factor": 3, "seed": 0,
                    "n_startup_trials": 4},
         "budget": {"max_trials": max_trials},
         "seed": 0,
