@@ -240,6 +240,9 @@ def _current(backend: Backend, study_id: int) -> StudyRuntime:
 def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> StudyOut:
     trials = runtime.study.get_trials(deepcopy=False)
     counts = Counter(t.state.name.lower() for t in trials)
+    # Queued trials are RUNNING in Optuna (they count against the budget) but wait for a worker.
+    counts["queued"] = len(_queued_ids(session, row.id))
+    counts["running"] -= counts["queued"]
     use = usage(session, runtime, trials)
     best = _best_trial(runtime, trials)
     max_trials = runtime.spec.budget.max_trials
@@ -247,7 +250,7 @@ def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> Study
     return StudyOut(
         id=row.id, name=row.name, project=project.name if project else "?", state=row.state, spec=row.spec,
         created_at=row.created_at,
-        counts={s: counts.get(s, 0) for s in ("waiting", "running", "complete", "pruned", "fail")},
+        counts={s: counts.get(s, 0) for s in ("waiting", "queued", "running", "complete", "pruned", "fail")},
         trials_used=use.used, max_trials=max_trials, progress=min(1.0, use.used / max_trials),
         gpu_hours=_lease_hours(session, row.id),
         rungs=runtime.rungs,
@@ -257,9 +260,22 @@ def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> Study
 
 
 def _lease_hours(session: Session, study_id: int) -> float:
+    """Device-hours of the study: the time its leases were held (queued trials hold no device), summed in the
+    database (one aggregate, not one row per lease)."""
     now = utcnow()
-    spans = session.execute(sa.select(Lease.started_at, Lease.finished_at).where(Lease.study_id == study_id))
-    return round(sum((aware(end or now) - aware(start)).total_seconds() for start, end in spans) / 3600.0, 6)
+    end = sa.func.coalesce(Lease.finished_at, now)
+    seconds: sa.ColumnElement[Any]
+    if session.get_bind().dialect.name == "postgresql":
+        seconds = sa.func.extract("epoch", end - Lease.started_at)
+    else:  # SQLite keeps datetimes as text; julianday counts days
+        seconds = (sa.func.julianday(end) - sa.func.julianday(Lease.started_at)) * 86400.0
+    total = session.scalar(sa.select(sa.func.sum(seconds)).where(Lease.study_id == study_id, Lease.state != "queued"))
+    return round(float(total or 0.0) / 3600.0, 6)
+
+
+def _queued_ids(session: Session, study_id: int) -> set[int]:
+    """The study's queued trials (see service/queue.py): a handful at most."""
+    return set(session.scalars(sa.select(Lease.trial_id).where(Lease.study_id == study_id, Lease.state == "queued")))
 
 
 def aware(moment: datetime) -> datetime:
@@ -336,9 +352,13 @@ def _trial_extras(session: Session, trial_ids: list[int]
 def _trial_view(t: FrozenTrial, study_id: int, leases: dict[int, Lease],
                 rung_metrics: dict[int, dict[int, dict[str, Any]]]) -> TrialOut:
     lease = leases.get(trial_storage_id(t))
+    queued = lease is not None and lease.state == "queued"
+    if queued:
+        lease = None  # no worker holds it yet
     attrs = dict(t.user_attrs)
     return TrialOut(
-        id=trial_storage_id(t), study_id=study_id, number=t.number, state=t.state.name, params=t.params,
+        id=trial_storage_id(t), study_id=study_id, number=t.number, state="QUEUED" if queued else t.state.name,
+        params=t.params,
         value=t.value if t.values is not None and len(t.values) == 1 else None,
         values=list(t.values) if t.values is not None else None,
         intermediate_values=dict(t.intermediate_values),
@@ -353,19 +373,31 @@ def _trial_view(t: FrozenTrial, study_id: int, leases: dict[int, Lease],
 
 def list_trials(backend: Backend, study_id: int, state: str | None, limit: int, offset: int
                 ) -> tuple[list[TrialOut], int]:
-    runtime = _current(backend, study_id)
-    trials = runtime.study.get_trials(deepcopy=False)
-    if state:
-        try:
-            wanted = TrialState[state.upper()]
-        except KeyError:
-            raise InvalidInput(f"unknown trial state {state!r}: use one of "
-                               f"{', '.join(s.name.lower() for s in TrialState)}") from None
-        trials = [t for t in trials if t.state == wanted]
-    page = trials[offset: offset + limit]
+    """One page of the study's trials by number, and how many match; without a state filter only the page
+    is read."""
+    _current(backend, study_id)
+    if state is None:
+        total = backend.storage.trial_count(study_id)
+        page = backend.storage.trials_by_number(study_id, range(offset, min(offset + limit, total)))
+        with backend.session() as session:
+            extras = _trial_extras(session, [trial_storage_id(t) for t in page])
+            return [_trial_view(t, study_id, *extras) for t in page], total
+    wanted = _trial_state(state)
     with backend.session() as session:
+        queued = _queued_ids(session, study_id)
+        trials = [t for t in backend.runtime(study_id).study.get_trials(deepcopy=False)
+                  if ("QUEUED" if trial_storage_id(t) in queued else t.state.name) == wanted]
+        page = trials[offset: offset + limit]
         extras = _trial_extras(session, [trial_storage_id(t) for t in page])
         return [_trial_view(t, study_id, *extras) for t in page], len(trials)
+
+
+def _trial_state(state: str) -> str:
+    """The state name a trial filter asks for: one of Optuna's, or QUEUED; InvalidInput otherwise."""
+    names = [s.name for s in TrialState] + ["QUEUED"]
+    if state.upper() not in names:
+        raise InvalidInput(f"unknown trial state {state!r}: use one of {', '.join(n.lower() for n in names)}")
+    return state.upper()
 
 
 def get_trial(backend: Backend, trial_id: int) -> TrialOut:
