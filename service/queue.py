@@ -121,12 +121,14 @@ def fill(backend: Backend, runtime: StudyRuntime) -> int:
 
 
 def _slots(use: Usage, spec: StudySpec) -> int:
-    """How many trials may still be asked: budget left, plus re-queued trials (they take a failed trial's
-    place), within the concurrency limit (queued trials are running ones)."""
+    """How many trials may still be asked (as many asks as `Usage.has_room` would allow one by one): the
+    budget left, which already holds a place for each re-queued trial (its failed original is not counted),
+    or the re-queued trials alone when nothing else is left; within the concurrency limit (queued trials
+    are running ones)."""
     if not use.has_room(spec):
         return 0
     budget = spec.budget
-    slots = max(0, budget.max_trials - use.used) + use.waiting
+    slots = max(budget.max_trials - use.used, use.waiting)
     if budget.max_concurrent_trials is not None:
         slots = min(slots, budget.max_concurrent_trials - use.running)
     return slots

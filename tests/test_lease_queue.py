@@ -75,7 +75,10 @@ def test_two_servers_on_one_database_never_hand_out_a_trial_twice(pg_url: str, t
                 while (lease := client.lease(name, {}, "h")) is not None:
                     with lock:
                         got.append(lease["trial_id"])
-                    client.complete(lease["trial_id"], value=0.5)
+                    if lease["trial_id"] % 5 == 0 and lease["attempt"] == 0:  # preempted: its retry completes
+                        client.fail(lease["trial_id"], "preempted", retryable=True)
+                    else:
+                        client.complete(lease["trial_id"], value=0.5)
 
         threads = [threading.Thread(target=work, args=(server.url, f"{server.port}-{i}"))
                    for server in (a, b) for i in range(4)]
@@ -86,9 +89,10 @@ def test_two_servers_on_one_database_never_hand_out_a_trial_twice(pg_url: str, t
         with Client(b.url) as client:
             shown = client.get_study(study["id"])
             trials = client.list_trials(study["id"], limit=1000)["items"]
-    assert len(got) == budget and len(set(got)) == budget, sorted(got)
+    failed = shown["counts"]["fail"]
+    assert failed > 0 and len(got) == budget + failed and len(set(got)) == len(got), sorted(got)
     assert shown["state"] == "completed" and shown["trials_used"] == budget
-    assert shown["counts"]["complete"] == budget and len(trials) == budget  # nothing left queued or running
+    assert shown["counts"]["complete"] == budget and len(trials) == budget + failed  # nothing queued or running
 
 
 def test_a_killed_servers_queue_is_served_by_another_and_never_reaped(pg_url: str, tmp_path: Path) -> None:
@@ -168,8 +172,9 @@ def test_without_a_queue_leases_ask_on_the_request(pg_url: str, tmp_path: Path) 
     assert lease is not None and shown["counts"]["queued"] == 0 and shown["counts"]["running"] == 1
 
 
-def test_trial_pages_read_only_the_page(server: LiveServer) -> None:
-    with Client(server.url) as client:
+def test_trial_pages_read_only_the_page(pg_url: str, tmp_path: Path) -> None:
+    # No queue: its filler would add trials between the two reads.
+    with LiveServer(make_settings(pg_url, tmp_path, lease_queue_size=0)) as live, Client(live.url) as client:
         study = client.create_study(study_spec("pages", baseline=None, budget={"max_trials": 50}))
         for _ in range(7):
             lease = client.lease("w", {}, "h")
