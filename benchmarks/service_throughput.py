@@ -505,6 +505,41 @@ def bench_grpc(pg: str, finished: int, n: int, duration: float, rung_seconds: fl
             proxy.join(10)
 
 
+# -- the cost of one ask ------------------------------------------------------------------------
+
+
+def ask_cost(pg: str, sizes: list[int], asks: int = 30) -> tuple[list[str], list[list[str]]]:
+    """Median and p95 ms of one TPE ask (+ its tell) in this process through the server's storage, with the
+    server's bounded history (best 100 + recent 200) and over the whole study, at each study size."""
+    import optuna
+
+    from tunefleet.service.storage import BoundedHistorySampler, ServerStorage
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    rows = []
+    for size in sizes:
+        cells = [f"{size:,}"]
+        for bounded in (True, False):
+            with fresh_database(pg) as database_url:
+                _create_optuna_study(database_url, size)
+                rdb = optuna.storages.RDBStorage(database_url)
+                sampler = optuna_sampler(0)
+                study = optuna.load_study(study_name=STUDY, storage=ServerStorage(rdb), pruner=optuna_pruner(),
+                                          sampler=BoundedHistorySampler(sampler, 100, 200) if bounded else sampler)
+                study.get_trials(deepcopy=False)  # load the study first, as the server does once
+                samples = []
+                for _ in range(asks):
+                    started = time.perf_counter()
+                    trial = study.ask(optuna_distributions())
+                    samples.append(time.perf_counter() - started)
+                    study.tell(trial, simulated_quality(trial.params, 100))
+                rdb.engine.dispose()
+            quantiles = statistics.quantiles(samples, n=20, method="inclusive")
+            cells.append(f"{statistics.median(samples) * 1000:.0f} / {quantiles[18] * 1000:.0f}")
+        rows.append(cells)
+    return ["finished trials", "bounded history: ask p50 / p95 ms", "whole study: ask p50 / p95 ms"], rows
+
+
 # -- output -------------------------------------------------------------------------------------
 
 
@@ -513,7 +548,11 @@ def _ms(value: float | None) -> str:
 
 
 def _ratio(r: Result, peer: Result | None) -> str:
-    return f"{r.rate / peer.rate:.2f}" if peer and peer.rate and r.mode.startswith("service") else ""
+    if peer is None or not r.mode.startswith("service"):
+        return ""
+    if not peer.rate:
+        return "∞ (peer: no cycle)" if r.rate else ""
+    return f"{r.rate / peer.rate:.2f}"
 
 
 def throughput_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
@@ -604,11 +643,17 @@ def main(
         help="Comma-separated server process counts to measure (`tunefleet server --processes`).")] = "1",
     server_log: Annotated[Path, typer.Option(help="Where the servers' output goes.")]
     = Path("/tmp/tunefleet-benchmark-server.log"),
+    asks: Annotated[bool, typer.Option(
+        help="Only measure one ask's cost at each --finished size, bounded history vs whole study.")] = False,
 ) -> None:
     """Service vs Optuna direct vs Optuna's gRPC proxy: trial throughput, lease latency, server memory."""
+    sizes = [int(f) for f in finished.split(",") if f.strip()]
+    if asks:
+        print_table("one TPE ask", *ask_cost(pg, sizes))
+        return
     sides = {m.strip() for m in modes.split(",") if m.strip()}
     results: list[Result] = []
-    for size in [int(f) for f in finished.split(",") if f.strip()]:
+    for size in sizes:
         for n in [int(w) for w in workers.split(",") if w.strip()]:
             if "service" in sides:
                 for processes in [int(p) for p in server_processes.split(",") if p.strip()]:

@@ -18,8 +18,9 @@ database and checks the budget, as every ask does, so the queue never holds more
 When a server process dies, its queued trials stay queued and any other process (or its successor) hands
 them out; a trial asked but not yet queued when it died is an orphan, failed and re-queued by the reaper.
 
-**Filling.** A lease wakes this process's `QueueFiller` once the study's queue is below half of
-`TUNEFLEET_LEASE_QUEUE_SIZE`; the filler tops it up within the budget. A lease that finds the queue empty
+**Filling.** A lease wakes this process's `QueueFiller`; once the study's queue is below half of its size
+(`TUNEFLEET_LEASE_QUEUE_SIZE`, or a quarter of the study's leases in flight when more) the filler tops it
+up within the budget. A lease that finds the queue empty
 asks on the request path, as with `TUNEFLEET_LEASE_QUEUE_SIZE=0`. A paused study keeps its queue; the
 queued trials of a stopped study are failed by the reaper (`leases.reap_orphans`), never handed out.
 Studies with a device-hour budget have no queue (see `queue_size`).
@@ -28,6 +29,7 @@ Studies with a device-hour budget have no queue (see `queue_size`).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from datetime import datetime, timezone
 from typing import Any
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 QUEUED = "queued"
 # A queued trial has no deadline (the column is required; only active leases expire).
 NO_DEADLINE = datetime(9999, 1, 1, tzinfo=timezone.utc)
+_IN_FLIGHT_SHARE = 4  # a queue holds at least a quarter of the study's trials in flight
+_BATCH = 4  # asks per hold of the ask lock
 _START_LOCK = threading.Lock()
 
 
@@ -71,17 +75,24 @@ def claim(session: Session, study_id: int, values: dict[str, Any]) -> Lease | No
     return None
 
 
-def depth(backend: Backend, study_id: int) -> int:
-    """How many trials of the study are queued, across every server process."""
+def depth(backend: Backend, study_id: int) -> tuple[int, int]:
+    """How many trials of the study are queued, and how many are leased to workers, across every server
+    process."""
     with backend.session() as session:
-        return session.scalar(sa.select(sa.func.count()).select_from(Lease)
-                              .where(Lease.study_id == study_id, Lease.state == QUEUED)) or 0
+        counts = dict(session.execute(sa.select(Lease.state, sa.func.count()).where(
+            Lease.study_id == study_id, Lease.state.in_((QUEUED, "active"))).group_by(Lease.state)).all())
+    return counts.get(QUEUED, 0), counts.get("active", 0)
 
 
-def queue_size(backend: Backend, spec: StudySpec) -> int:
-    """How many trials of a study are asked ahead. None under a device-hour budget: time spent after a trial
-    was queued could exhaust it, and a queued trial would then be handed out past the budget."""
-    return 0 if spec.budget.max_gpu_hours is not None else backend.settings.lease_queue_size
+def queue_size(backend: Backend, spec: StudySpec, in_flight: int = 0) -> int:
+    """How many trials of a study are asked ahead: `TUNEFLEET_LEASE_QUEUE_SIZE`, or a quarter of its trials
+    in flight when more (workers that start or finish together then rarely find it empty). None under a
+    device-hour budget: time spent after a trial was queued could exhaust it, and a queued trial would then
+    be handed out past the budget."""
+    size = backend.settings.lease_queue_size
+    if size == 0 or spec.budget.max_gpu_hours is not None:
+        return 0
+    return max(size, math.ceil(in_flight / _IN_FLIGHT_SHARE))
 
 
 def wake(backend: Backend, runtime: StudyRuntime) -> None:
@@ -96,27 +107,30 @@ def wake(backend: Backend, runtime: StudyRuntime) -> None:
 
 
 def fill(backend: Backend, runtime: StudyRuntime) -> int:
-    """Top the study's queue up to `TUNEFLEET_LEASE_QUEUE_SIZE` when fewer than half are left, within the
-    budget; returns how many trials were queued."""
-    size = queue_size(backend, runtime.spec)
-    low = (size + 1) // 2
-    if size == 0 or depth(backend, runtime.id) >= low:
+    """Top the study's queue up to its size (`queue_size`) once fewer than half are left, within the budget;
+    returns how many trials were queued. Asks `_BATCH` at a time, so lease requests waiting for the ask lock
+    (an empty queue) get their turn in between."""
+    queued, in_flight = depth(backend, runtime.id)
+    target = queue_size(backend, runtime.spec, in_flight)
+    if queued >= (target + 1) // 2:
         return 0
-    with backend.ask_lock(runtime):
-        queued = depth(backend, runtime.id)  # again: another process may have filled it meanwhile
-        if queued >= low:
-            return 0
-        backend.storage.sync(runtime.id)  # trials other server processes created or finished
-        with backend.session() as session:
-            row = session.get(StudyRow, runtime.id)
-            if row is None or row.state != "running":
-                return 0
-            room = _slots(usage(session, runtime), runtime.spec)
-        added = 0
-        for _ in range(min(size - queued, room)):
-            with backend.storage.batched_ask():
-                trial = runtime.study.ask(runtime.distributions)
-            added += _enqueue(backend, runtime, trial)
+    added = 0
+    while queued < target:
+        with backend.ask_lock(runtime):
+            queued, _ = depth(backend, runtime.id)  # again: another process may have filled it meanwhile
+            backend.storage.sync(runtime.id)  # trials other server processes created or finished
+            with backend.session() as session:
+                row = session.get(StudyRow, runtime.id)
+                if row is None or row.state != "running":
+                    return added
+                asks = min(target - queued, _BATCH, _slots(usage(session, runtime), runtime.spec))
+            if asks <= 0:
+                return added
+            for _ in range(asks):
+                with backend.storage.batched_ask():
+                    trial = runtime.study.ask(runtime.distributions)
+                added += _enqueue(backend, runtime, trial)
+            queued += asks
     return added
 
 
