@@ -35,6 +35,7 @@ import math
 import multiprocessing
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -200,8 +201,6 @@ def prefill(database_url: str, study_name: str, trials: int, seed: int = 0) -> N
     """Write `trials` finished trials (40 % complete, the rest pruned at a random rung, with intermediate
     values) straight into Optuna's tables, in a few statements: adding them through Optuna takes about a
     minute per thousand."""
-    import random
-
     import sqlalchemy as sa
     from optuna.distributions import distribution_to_json
     from optuna.storages._rdb import models
@@ -275,13 +274,18 @@ def service_worker(url: str, token: str | None, rung_seconds: float, index: int,
             start.wait()
             window = Window(duration)
             while window.open():
-                lease = window.timed(samples["lease"], client.lease, f"bench-{index}", {"type": "cpu"}, "bench")
+                # The fleet's first leases come all at once (a burst no queue absorbs): with training time,
+                # only later leases, from workers that drifted apart, give latencies.
+                first = rung_seconds > 0 and not cycles and not samples["report"]
+                lease = window.timed([] if first else samples["lease"], client.lease, f"bench-{index}",
+                                     {"type": "cpu"}, "bench")
                 if lease is None:  # budget exhausted: should not happen
                     time.sleep(0.01)
                     continue
                 params, trial_id = lease["params"], lease["trial_id"]
+                pace = rung_seconds * random.uniform(0.5, 1.5)  # trials differ in speed
                 for step in lease["rungs"]:
-                    time.sleep(rung_seconds)  # training up to this rung
+                    time.sleep(pace)  # training up to this rung
                     value = simulated_quality(params, step)
                     if window.timed(samples["report"], client.report, trial_id, step, value, {"accuracy": value}):
                         break
@@ -301,10 +305,13 @@ def _optuna_cycles(study: Any, rung_seconds: float, window_box: list[Window], st
     distributions = optuna_distributions()
     start.wait()
     window = window_box[0]
+    first = rung_seconds > 0  # as in service_worker: the fleet's first asks are a burst
     while window.open():
-        trial = window.timed(samples["ask"], study.ask, distributions)
+        trial = window.timed([] if first else samples["ask"], study.ask, distributions)
+        first = False
+        pace = rung_seconds * random.uniform(0.5, 1.5)
         for step in RUNGS:
-            time.sleep(rung_seconds)
+            time.sleep(pace)
             value = simulated_quality(trial.params, step)
             started = time.perf_counter()
             trial.report(value, step)
@@ -630,7 +637,9 @@ def main(
     = "0,5000,20000",
     duration: Annotated[float, typer.Option(help="Seconds of measurement per run.")] = 15.0,
     rung_seconds: Annotated[float, typer.Option(
-        help="Simulated training time before each rung's report (0: the server is the only cost).")] = 0.0,
+        help="Mean simulated training time before each rung's report, ±50 % per trial (0: the server is the "
+        "only cost). With training time, each worker's first lease (the fleet's start burst) gives no latency."
+    )] = 0.0,
     out: Annotated[Path, typer.Option(help="Markdown report.")] = Path("docs/benchmarks/service_throughput.md"),
     pg: Annotated[str, typer.Option(help="PostgreSQL server (databases are created and dropped there).")]
     = "postgresql+psycopg2://postgres@127.0.0.1:5432",
