@@ -20,10 +20,11 @@ them out; a trial asked but not yet queued when it died is an orphan, failed and
 
 **Filling.** A lease wakes this process's `QueueFiller`; once the study's queue is below half of its size
 (`TUNEFLEET_LEASE_QUEUE_SIZE`, or a quarter of the study's leases in flight when more) the filler tops it
-up within the budget. A lease that finds the queue empty
-asks on the request path, as with `TUNEFLEET_LEASE_QUEUE_SIZE=0`. A paused study keeps its queue; the
-queued trials of a stopped study are failed by the reaper (`leases.reap_orphans`), never handed out.
-Studies with a device-hour budget have no queue (see `queue_size`).
+up within the budget. A lease that finds the queue empty asks on the request path, as with
+`TUNEFLEET_LEASE_QUEUE_SIZE=0`; so does a lease while re-queued trials wait (an ask hands them out first,
+so they jump the queue). A paused study keeps its queue; the queued trials of a stopped study are failed
+by the reaper (`leases.reap_orphans`), never handed out. Studies with a device-hour budget have no queue
+(see `queue_size`).
 """
 
 from __future__ import annotations

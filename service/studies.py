@@ -239,10 +239,8 @@ def _current(backend: Backend, study_id: int) -> StudyRuntime:
 
 def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> StudyOut:
     trials = runtime.study.get_trials(deepcopy=False)
-    counts = Counter(t.state.name.lower() for t in trials)
-    # Queued trials are RUNNING in Optuna (they count against the budget) but wait for a worker.
-    counts["queued"] = len(_queued_ids(session, row.id))
-    counts["running"] -= counts["queued"]
+    held = _held_ids(session, row.id)
+    counts = Counter(_view_state(t, held).lower() for t in trials)
     use = usage(session, runtime, trials)
     best = _best_trial(runtime, trials)
     max_trials = runtime.spec.budget.max_trials
@@ -251,7 +249,9 @@ def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> Study
         id=row.id, name=row.name, project=project.name if project else "?", state=row.state, spec=row.spec,
         created_at=row.created_at,
         counts={s: counts.get(s, 0) for s in ("waiting", "queued", "running", "complete", "pruned", "fail")},
-        trials_used=use.used, max_trials=max_trials, progress=min(1.0, use.used / max_trials),
+        # Queued trials hold a place in the budget, but no worker has them yet: not "used" in the view.
+        trials_used=use.used - counts["queued"], max_trials=max_trials,
+        progress=min(1.0, (use.used - counts["queued"]) / max_trials),
         gpu_hours=_lease_hours(session, row.id),
         rungs=runtime.rungs,
         best_trial=_trial_view(best, row.id, *_trial_extras(session, [trial_storage_id(best)])) if best else None,
@@ -273,9 +273,18 @@ def _lease_hours(session: Session, study_id: int) -> float:
     return round(float(total or 0.0) / 3600.0, 6)
 
 
-def _queued_ids(session: Session, study_id: int) -> set[int]:
-    """The study's queued trials (see service/queue.py): a handful at most."""
-    return set(session.scalars(sa.select(Lease.trial_id).where(Lease.study_id == study_id, Lease.state == "queued")))
+def _held_ids(session: Session, study_id: int) -> set[int]:
+    """The study's trials a worker holds (an active lease): one per worker at most."""
+    return set(session.scalars(sa.select(Lease.trial_id).where(Lease.study_id == study_id, Lease.state == "active")))
+
+
+def _view_state(t: FrozenTrial, held: set[int]) -> str:
+    """A trial's state as the API shows it: Optuna's, except that a RUNNING trial no worker holds is QUEUED
+    (asked ahead, see service/queue.py, or asked a moment ago and not leased yet). Queued trials count
+    against the budget inside the server, but not in `trials_used`."""
+    if t.state == TrialState.RUNNING and trial_storage_id(t) not in held:
+        return "QUEUED"
+    return t.state.name
 
 
 def aware(moment: datetime) -> datetime:
@@ -352,13 +361,12 @@ def _trial_extras(session: Session, trial_ids: list[int]
 def _trial_view(t: FrozenTrial, study_id: int, leases: dict[int, Lease],
                 rung_metrics: dict[int, dict[int, dict[str, Any]]]) -> TrialOut:
     lease = leases.get(trial_storage_id(t))
-    queued = lease is not None and lease.state == "queued"
-    if queued:
+    state = _view_state(t, {lease.trial_id} if lease is not None and lease.state == "active" else set())
+    if state == "QUEUED":
         lease = None  # no worker holds it yet
     attrs = dict(t.user_attrs)
     return TrialOut(
-        id=trial_storage_id(t), study_id=study_id, number=t.number, state="QUEUED" if queued else t.state.name,
-        params=t.params,
+        id=trial_storage_id(t), study_id=study_id, number=t.number, state=state, params=t.params,
         value=t.value if t.values is not None and len(t.values) == 1 else None,
         values=list(t.values) if t.values is not None else None,
         intermediate_values=dict(t.intermediate_values),
@@ -384,9 +392,9 @@ def list_trials(backend: Backend, study_id: int, state: str | None, limit: int, 
             return [_trial_view(t, study_id, *extras) for t in page], total
     wanted = _trial_state(state)
     with backend.session() as session:
-        queued = _queued_ids(session, study_id)
+        held = _held_ids(session, study_id)
         trials = [t for t in backend.runtime(study_id).study.get_trials(deepcopy=False)
-                  if ("QUEUED" if trial_storage_id(t) in queued else t.state.name) == wanted]
+                  if _view_state(t, held) == wanted]
         page = trials[offset: offset + limit]
         extras = _trial_extras(session, [trial_storage_id(t) for t in page])
         return [_trial_view(t, study_id, *extras) for t in page], len(trials)
