@@ -1,38 +1,49 @@
-"""Trial throughput of the tunefleet service against Optuna's RDBStorage used directly, and the
-server's memory once it holds many finished trials.
+"""Trial throughput and lease latency of the tunefleet service against two peers an Optuna user would run
+instead, at several study sizes, and the server's memory per finished trial.
 
-    .venv/bin/python benchmarks/service_throughput.py --workers 1,10,100 --duration 20 \
-        --out docs/benchmarks/service_throughput.md
+    .venv/bin/python benchmarks/service_throughput.py --workers 1,10,100 --finished 0,5000,20000 \
+        --server-processes 1,2 --duration 15 --out docs/benchmarks/service_throughput.md
 
-For each N in --workers, on a fresh PostgreSQL database each time (created and dropped here):
-- service: a `tunefleet server` subprocess on a loopback port; N worker processes, each doing cycles
-  of lease + 5 reports (rungs 20..100 %) + complete over HTTP with zero training time;
-- direct: N processes on Optuna's RDBStorage, each doing ask (TPE) + 5 × (report + should_prune) + tell.
-Both sides use TPE and Hyperband (min 20 %, factor 3), and the values of `tunefleet.workers.simulated`, so
-pruning ends some cycles early on both sides alike. A pruned cycle counts as a trial cycle.
+For each study size (finished trials written straight into Optuna's tables before the run) and each N in
+--workers, on a fresh PostgreSQL database each time (created and dropped here):
+- service: a `tunefleet server` subprocess (`--processes 1` and `2`); N worker processes, each doing
+  cycles of lease + 5 reports (rungs 20..100 %) + complete over HTTP with zero training time;
+- direct: Optuna's RDBStorage (through Optuna's own cache, as `load_study(storage=url)` does), each worker
+  doing ask + 5 × (report + should_prune) + tell. At most --direct-processes processes hold a PostgreSQL
+  connection each; more workers run as threads of those processes (the table says how many);
+- grpc: Optuna's gRPC storage proxy (`run_grpc_proxy_server` over the same RDBStorage, one process) and N
+  worker processes with `GrpcStorageProxy` clients doing the same cycle as direct: what an Optuna user runs
+  to serve many workers without database credentials.
+Every side uses the same sampler configuration (TPE, multivariate, constant liar, 5 startup trials) and
+Hyperband (min 20 %, factor 3), and the values of `tunefleet.workers.simulated`, so pruning ends some
+cycles early on all sides alike. A pruned cycle counts as a trial cycle. Only cycles that finish inside the
+measurement window count, and only calls that return inside it give latencies. Each side is warmed up
+(its processes load the study) before the window opens.
 
-Memory: a fresh database and server; 20 studies created through the API, each filled with 1,000
-finished trials written by Optuna directly (fast), then every study read through the API and one
-trial leased from each (so the server loads its trials and sampler); the server's RSS before/after.
+Memory: the RSS of the server process (and of the gRPC proxy) after each one-process run; the growth from
+the empty study to the largest, divided by its finished trials, is the memory per finished trial.
 
-Needs PostgreSQL with trust auth for user postgres on 127.0.0.1:5432 (change with --pg). PostgreSQL's
-default max_connections (100) bounds the direct runs: 100 processes hold 100 connections.
+Needs PostgreSQL with trust auth for user postgres on 127.0.0.1:5432 (change with --pg). Connections: a
+server process opens at most 20, the proxy 10, direct runs --direct-processes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import math
 import multiprocessing
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -58,12 +69,15 @@ SEARCH_SPACE: dict[str, dict[str, Any]] = {
     "weight_decay": {"type": "float", "low": 0.0, "high": 0.1},
     "warmup_ratio": {"type": "float", "low": 0.0, "high": 0.2},
 }
+N_STARTUP_TRIALS = 5  # the spec's default; the peers get the same
 SERVICE_CALLS = ("lease", "report", "complete")
-DIRECT_CALLS = ("ask", "report", "tell")
+PEER_CALLS = ("ask", "report", "tell")
+STUDY = "bench"
 
 
 def study_spec(name: str, max_trials: int) -> dict[str, Any]:
-    """The benchmark's study: TPE + Hyperband over four parameters, reports at RUNGS."""
+    """The benchmark's study: TPE (multivariate, constant liar: the spec's defaults) + Hyperband over four
+    parameters, reports at RUNGS."""
     return {
         "name": name,
         "model": "simulated",
@@ -72,7 +86,8 @@ def study_spec(name: str, max_trials: int) -> dict[str, Any]:
         "objective": {"metric": "accuracy", "direction": "maximize"},
         "search_space": SEARCH_SPACE,
         "search": {"sampler": "tpe", "pruner": "hyperband", "min_resource": 0.2, "reduction_factor": 3,
-                   "rungs": RUNGS, "seed": 0},
+                   "rungs": RUNGS, "seed": 0, "multivariate": True, "constant_liar": True,
+                   "n_startup_trials": N_STARTUP_TRIALS},
         "budget": {"max_trials": max_trials},
     }
 
@@ -88,13 +103,21 @@ def optuna_distributions() -> dict[str, Any]:
     }
 
 
+def optuna_sampler(seed: int) -> Any:
+    """The service's sampler configuration, for the peers."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                      n_startup_trials=N_STARTUP_TRIALS)
+
+
 def optuna_pruner() -> Any:
     import optuna
 
     return optuna.pruners.HyperbandPruner(min_resource=20, max_resource=100, reduction_factor=3)
 
 
-# -- infrastructure: a fresh database, a server subprocess --------------------------------------
+# -- infrastructure: a fresh database, a server subprocess, a pre-filled study --------------------
 
 
 @contextlib.contextmanager
@@ -167,29 +190,81 @@ def running_server(database_url: str, auth: bool, log: Path, processes: int = 1)
 
 
 def rss_mb(pid: int) -> float:
-    """Resident memory of a process in MiB (Linux /proc; psutil elsewhere)."""
-    status = Path(f"/proc/{pid}/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+    """Resident memory of a process and its children in MiB (Linux /proc; psutil elsewhere)."""
     import psutil
 
-    return float(psutil.Process(pid).memory_info().rss) / 2**20
+    process = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2**20
 
 
-# -- the two kinds of worker process ------------------------------------------------------------
+def prefill(database_url: str, study_name: str, trials: int, seed: int = 0) -> None:
+    """Write `trials` finished trials (40 % complete, the rest pruned at a random rung, with intermediate
+    values) straight into Optuna's tables, in a few statements: adding them through Optuna takes about a
+    minute per thousand."""
+    import sqlalchemy as sa
+    from optuna.distributions import distribution_to_json
+    from optuna.storages._rdb import models
+
+    if not trials:
+        return
+    rng = random.Random(seed)
+    dists = optuna_distributions()
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            study_id = conn.scalar(sa.select(models.StudyModel.study_id)
+                                   .where(models.StudyModel.study_name == study_name))
+            first = conn.scalar(sa.select(sa.func.count()).select_from(models.TrialModel)
+                                .where(models.TrialModel.study_id == study_id))
+            now = dt.datetime.now()
+            plans = []
+            for _ in range(trials):
+                params = {"learning_rate": 10 ** rng.uniform(-5, -3), "lora_r": rng.choice([4, 8, 16, 32]),
+                          "weight_decay": rng.uniform(0, 0.1), "warmup_ratio": rng.uniform(0, 0.2)}
+                steps = RUNGS if rng.random() < 0.4 else RUNGS[: rng.randint(1, 4)]
+                plans.append((params, {s: simulated_quality(params, s) for s in steps}))
+            ids = conn.execute(sa.insert(models.TrialModel).returning(models.TrialModel.trial_id,
+                                                                      sort_by_parameter_order=True),
+                               [{"number": first + i, "study_id": study_id,
+                                 "state": "COMPLETE" if 100 in values else "PRUNED",
+                                 "datetime_start": now, "datetime_complete": now}
+                                for i, (_, values) in enumerate(plans)]).scalars().all()
+            conn.execute(sa.insert(models.TrialParamModel), [
+                {"trial_id": tid, "param_name": name, "param_value": dists[name].to_internal_repr(value),
+                 "distribution_json": distribution_to_json(dists[name])}
+                for tid, (params, _) in zip(ids, plans, strict=True) for name, value in params.items()])
+            conn.execute(sa.insert(models.TrialIntermediateValueModel), [
+                {"trial_id": tid, "step": step, "intermediate_value": value, "intermediate_value_type": "FINITE"}
+                for tid, (_, values) in zip(ids, plans, strict=True) for step, value in values.items()])
+            conn.execute(sa.insert(models.TrialValueModel), [
+                {"trial_id": tid, "objective": 0, "value": values[100], "value_type": "FINITE"}
+                for tid, (_, values) in zip(ids, plans, strict=True) if 100 in values])
+    finally:
+        engine.dispose()
 
 
-def _timed(samples: list[float], call: Any, *args: Any, **kwargs: Any) -> Any:
-    start = time.perf_counter()
-    result = call(*args, **kwargs)
-    samples.append(time.perf_counter() - start)
-    return result
+# -- the worker processes -----------------------------------------------------------------------
 
 
-def service_worker(url: str, token: str | None, index: int, duration: float, ready: Any, start: Event,
-                   results: Any) -> None:
+class Window:
+    """The measurement window: what finishes inside it counts."""
+
+    def __init__(self, duration: float):
+        self.end = time.monotonic() + duration
+
+    def open(self) -> bool:
+        return time.monotonic() < self.end
+
+    def timed(self, samples: list[float], call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        result = call(*args, **kwargs)
+        if self.open():
+            samples.append(time.perf_counter() - start)
+        return result
+
+
+def service_worker(url: str, token: str | None, rung_seconds: float, index: int, threads: int, duration: float,
+                   ready: Any, start: Event, results: Any) -> None:
     """Lease + reports + complete over HTTP for `duration` seconds after `start`; puts its samples."""
     samples: dict[str, list[float]] = {c: [] for c in SERVICE_CALLS}
     cycles = 0
@@ -197,63 +272,107 @@ def service_worker(url: str, token: str | None, index: int, duration: float, rea
         with Client(url, token, retries=3) as client:
             ready.put(index)
             start.wait()
-            deadline = time.monotonic() + duration
-            while time.monotonic() < deadline:
-                lease = _timed(samples["lease"], client.lease, f"bench-{index}", {"type": "cpu"}, "bench")
-                if lease is None:  # budget exhausted or sampler busy: should not happen, but count it
+            window = Window(duration)
+            while window.open():
+                # The fleet's first leases come all at once (a burst no queue absorbs): with training time,
+                # only later leases, from workers that drifted apart, give latencies.
+                first = rung_seconds > 0 and not cycles and not samples["report"]
+                lease = window.timed([] if first else samples["lease"], client.lease, f"bench-{index}",
+                                     {"type": "cpu"}, "bench")
+                if lease is None:  # budget exhausted: should not happen
                     time.sleep(0.01)
                     continue
                 params, trial_id = lease["params"], lease["trial_id"]
+                pace = rung_seconds * random.uniform(0.5, 1.5)  # trials differ in speed
                 for step in lease["rungs"]:
+                    time.sleep(pace)  # training up to this rung
                     value = simulated_quality(params, step)
-                    if _timed(samples["report"], client.report, trial_id, step, value, {"accuracy": value}):
+                    if window.timed(samples["report"], client.report, trial_id, step, value, {"accuracy": value}):
                         break
                 else:
-                    _timed(samples["complete"], client.complete, trial_id, value=simulated_quality(params, 100))
-                cycles += 1
+                    window.timed(samples["complete"], client.complete, trial_id, value=simulated_quality(params, 100))
+                cycles += window.open()
         results.put({"cycles": cycles, "samples": samples})
     except Exception as exc:  # reported in the table, not lost in a child's stderr
         results.put({"cycles": cycles, "samples": samples, "error": f"{type(exc).__name__}: {exc}"})
 
 
-def direct_worker(database_url: str, study_name: str, setup_lock: Any, index: int, duration: float, ready: Any,
-                  start: Event, results: Any) -> None:
-    """ask + report/should_prune + tell on RDBStorage for `duration` seconds after `start`."""
-    samples: dict[str, list[float]] = {c: [] for c in DIRECT_CALLS}
-    cycles = 0
+def _optuna_cycles(study: Any, rung_seconds: float, window_box: list[Window], start: Event,
+                   samples: dict[str, list[float]], counts: list[int]) -> None:
+    """ask + 5 × (report + should_prune) + tell until the window closes."""
+    import optuna
+
+    distributions = optuna_distributions()
+    start.wait()
+    window = window_box[0]
+    first = rung_seconds > 0  # as in service_worker: the fleet's first asks are a burst
+    while window.open():
+        trial = window.timed([] if first else samples["ask"], study.ask, distributions)
+        first = False
+        pace = rung_seconds * random.uniform(0.5, 1.5)
+        for step in RUNGS:
+            time.sleep(pace)
+            value = simulated_quality(trial.params, step)
+            started = time.perf_counter()
+            trial.report(value, step)
+            prune = trial.should_prune()
+            if window.open():
+                samples["report"].append(time.perf_counter() - started)
+            if prune:
+                window.timed(samples["tell"], study.tell, trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            window.timed(samples["tell"], study.tell, trial, simulated_quality(trial.params, 100))
+        counts[0] += window.open()
+
+
+def peer_worker(storage_spec: tuple[str, Any], setup_lock: Any, rung_seconds: float, index: int, threads: int,
+                duration: float, ready: Any, start: Event, results: Any) -> None:
+    """Optuna ask/report/tell cycles on `storage_spec` (("rdb", url) or ("grpc", port)) in `threads` threads
+    of this process (one storage and its cache shared, as in one Optuna process), after `start`."""
+    samples: dict[str, list[float]] = {c: [] for c in PEER_CALLS}
+    counts = [0]
     try:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
-        # RDBStorage's schema check holds two connections at once; afterwards one is enough. So one
-        # pooled connection per process plus one overflow, and setups one at a time: 100 processes
-        # then fit PostgreSQL's default max_connections of 100.
-        with setup_lock:
-            storage = optuna.storages.RDBStorage(
-                database_url, engine_kwargs={"pool_size": 1, "max_overflow": 1, "pool_pre_ping": True})
-            study = optuna.load_study(study_name=study_name, storage=storage,
-                                      sampler=optuna.samplers.TPESampler(seed=index), pruner=optuna_pruner())
-        distributions = optuna_distributions()
-        ready.put(index)
-        start.wait()
-        deadline = time.monotonic() + duration
-        while time.monotonic() < deadline:
-            trial = _timed(samples["ask"], study.ask, distributions)
-            for step in RUNGS:
-                value = simulated_quality(trial.params, step)
-                start_report = time.perf_counter()
-                trial.report(value, step)
-                prune = trial.should_prune()
-                samples["report"].append(time.perf_counter() - start_report)
-                if prune:
-                    _timed(samples["tell"], study.tell, trial, state=optuna.trial.TrialState.PRUNED)
-                    break
+        kind, where = storage_spec
+        with setup_lock:  # RDBStorage's schema check holds two connections at once: one process at a time
+            if kind == "rdb":
+                rdb = optuna.storages.RDBStorage(where, engine_kwargs={"pool_size": 1, "max_overflow": 1,
+                                                                       "pool_pre_ping": True})
+                storage = optuna.storages.get_storage(rdb)  # Optuna's cache, as load_study(storage=url) has
             else:
-                _timed(samples["tell"], study.tell, trial, simulated_quality(trial.params, 100))
-            cycles += 1
-        results.put({"cycles": cycles, "samples": samples})
+                storage = optuna.storages.GrpcStorageProxy(host="127.0.0.1", port=where)
+            studies = [optuna.load_study(study_name=STUDY, storage=storage, sampler=optuna_sampler(index * 100 + t),
+                                         pruner=optuna_pruner()) for t in range(threads)]
+        studies[0].get_trials(deepcopy=False)  # warm the cache before the window opens
+        ready.put(index)
+        thread_start = threading.Event()
+        window_box: list[Window] = []
+        workers = [threading.Thread(target=_optuna_cycles,
+                                    args=(s, rung_seconds, window_box, thread_start, samples, counts))
+                   for s in studies]
+        for worker in workers:
+            worker.start()
+        start.wait()
+        window_box.append(Window(duration))
+        thread_start.set()
+        for worker in workers:
+            worker.join()
+        results.put({"cycles": counts[0], "samples": samples})
     except Exception as exc:
-        results.put({"cycles": cycles, "samples": samples, "error": f"{type(exc).__name__}: {exc}"})
+        results.put({"cycles": counts[0], "samples": samples, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def grpc_proxy(database_url: str, port: int) -> None:
+    """Optuna's gRPC proxy over RDBStorage (with Optuna's cache) on `port`, until killed."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    rdb = optuna.storages.RDBStorage(database_url, engine_kwargs={"pool_size": 5, "max_overflow": 5,
+                                                                  "pool_pre_ping": True})
+    optuna.storages.run_grpc_proxy_server(optuna.storages.get_storage(rdb), host="127.0.0.1", port=port)
 
 
 # -- running one configuration ------------------------------------------------------------------
@@ -261,12 +380,15 @@ def direct_worker(database_url: str, study_name: str, setup_lock: Any, index: in
 
 @dataclass
 class Result:
-    mode: str  # service | direct
+    mode: str  # service | service ×2 | direct | grpc
+    finished: int
     workers: int
     duration: float
+    layout: str = ""  # processes × threads, when not one process per worker
     cycles: int = 0
     latencies: dict[str, list[float]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    rss_mb: float | None = None
 
     @property
     def rate(self) -> float:
@@ -283,29 +405,28 @@ class Result:
 
 def _context() -> Any:
     # fork: 100 interpreters that share the parent's imports start in a second, not a minute.
-    # The parent holds no threads here (the server is a subprocess), so forking is safe.
+    # The parent holds no threads here (servers are subprocesses), so forking is safe.
     return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
-def run_processes(mode: str, n: int, duration: float, target: Any, args: tuple[Any, ...]) -> Result:
-    """Start `n` processes of `target(*args, index, duration, ready, start, results)`, release them
-    together once all are ready, and gather their cycles and latencies."""
+def run_processes(result: Result, processes: int, threads: int, target: Any, args: tuple[Any, ...]) -> Result:
+    """Start `processes` processes of `target(*args, index, threads, duration, ready, start, results)`,
+    release them together once all are ready, and gather their cycles and latencies into `result`."""
     ctx = _context()
     ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
-    processes = [ctx.Process(target=target, args=(*args, i, duration, ready, start, results), daemon=True)
-                 for i in range(n)]
-    for process in processes:
-        process.start()
-    result = Result(mode, n, duration)
+    children = [ctx.Process(target=target, args=(*args, i, threads, result.duration, ready, start, results),
+                            daemon=True) for i in range(processes)]
+    for child in children:
+        child.start()
     started = 0
     with contextlib.suppress(Exception):
-        for _ in range(n):
-            ready.get(timeout=180)
+        for _ in range(processes):
+            ready.get(timeout=600)
             started += 1
     start.set()
-    for _ in range(n):
+    for _ in range(processes):
         try:
-            item = results.get(timeout=duration + 120)
+            item = results.get(timeout=result.duration + 300)
         except Exception:
             result.errors.append("a worker sent no result")
             continue
@@ -314,107 +435,168 @@ def run_processes(mode: str, n: int, duration: float, target: Any, args: tuple[A
             result.latencies.setdefault(call, []).extend(samples)
         if "error" in item:
             result.errors.append(item["error"])
-    for process in processes:
-        process.join(10)
-        if process.is_alive():
-            process.kill()
-    if started < n:
-        result.errors.append(f"only {started} of {n} workers got ready")
+    for child in children:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    if started < processes:
+        result.errors.append(f"only {started} of {processes} worker processes got ready")
     return result
 
 
-def bench_service(pg: str, n: int, duration: float, auth: bool, log: Path, processes: int) -> Result:
+def _warm_service(server: Server, processes: int) -> None:
+    """Each server process loads the study and its sampler before the window: a few leases and completes,
+    each on a new connection (the kernel spreads new connections over the processes)."""
+    for i in range(4 * processes):
+        with Client(server.url, server.token) as client:
+            lease = client.lease(f"warm-{i}", {"type": "cpu"}, "bench")
+            if lease is not None:
+                client.complete(lease["trial_id"], value=0.5)
+
+
+def bench_service(pg: str, finished: int, n: int, duration: float, rung_seconds: float, auth: bool, log: Path,
+                  processes: int) -> Result:
     with fresh_database(pg) as database_url, running_server(database_url, auth, log, processes) as server:
         with Client(server.url, server.token) as client:
-            client.create_study(study_spec(f"bench-service-{n}", max_trials=1_000_000))
+            client.create_study(study_spec(STUDY, max_trials=1_000_000))
+        prefill(database_url, STUDY, finished)
+        _warm_service(server, processes)
         mode = "service" if processes == 1 else f"service ×{processes}"
-        return run_processes(mode, n, duration, service_worker, (server.url, server.token))
+        result = run_processes(Result(mode, finished, n, duration), n, 1, service_worker,
+                               (server.url, server.token, rung_seconds))
+        result.rss_mb = rss_mb(server.pid)
+        return result
 
 
-def bench_direct(pg: str, n: int, duration: float) -> Result:
+def _create_optuna_study(database_url: str, finished: int) -> None:
     import optuna
 
+    rdb = optuna.storages.RDBStorage(database_url)
+    optuna.create_study(study_name=STUDY, storage=rdb, direction="maximize")
+    rdb.engine.dispose()  # release its connections before the workers open theirs
+    prefill(database_url, STUDY, finished)
+
+
+def _layout(n: int, most_processes: int) -> tuple[int, int]:
+    processes = min(n, most_processes)
+    return processes, math.ceil(n / processes)
+
+
+def bench_direct(pg: str, finished: int, n: int, duration: float, rung_seconds: float, most_processes: int) -> Result:
     with fresh_database(pg) as database_url:
-        storage = optuna.storages.RDBStorage(database_url)
-        optuna.create_study(study_name="bench-direct", storage=storage, direction="maximize",
-                            sampler=optuna.samplers.TPESampler(seed=0), pruner=optuna_pruner())
-        storage.engine.dispose()  # release its connections: 100 workers need all of PostgreSQL's
-        lock = _context().Lock()
-        return run_processes("direct", n, duration, direct_worker, (database_url, "bench-direct", lock))
+        _create_optuna_study(database_url, finished)
+        processes, threads = _layout(n, most_processes)
+        result = Result("direct", finished, n, duration,
+                        layout=f"{processes} processes × {threads} threads" if threads > 1 else "")
+        return run_processes(result, processes, threads, peer_worker,
+                             (("rdb", database_url), _context().Lock(), rung_seconds))
 
 
-# -- memory -------------------------------------------------------------------------------------
+def bench_grpc(pg: str, finished: int, n: int, duration: float, rung_seconds: float) -> Result:
+    with fresh_database(pg) as database_url:
+        _create_optuna_study(database_url, finished)
+        port = free_port()
+        proxy = _context().Process(target=grpc_proxy, args=(database_url, port), daemon=True)
+        proxy.start()
+        try:
+            import optuna
+
+            optuna.storages.GrpcStorageProxy(host="127.0.0.1", port=port).wait_server_ready(timeout=60)
+            result = run_processes(Result("grpc", finished, n, duration), n, 1, peer_worker,
+                                   (("grpc", port), _context().Lock(), rung_seconds))
+            assert proxy.pid is not None
+            result.rss_mb = rss_mb(proxy.pid)
+            return result
+        finally:
+            proxy.kill()
+            proxy.join(10)
 
 
-def _fill_study(database_url: str, study_name: str, trials: int, seed: int) -> None:
-    """Add `trials` finished trials (complete and pruned, with intermediate values) to a study."""
-    import random
+# -- the cost of one ask ------------------------------------------------------------------------
 
+
+def ask_cost(pg: str, sizes: list[int], asks: int = 30) -> tuple[list[str], list[list[str]]]:
+    """Median and p95 ms of one TPE ask (+ its tell) in this process through the server's storage, with the
+    server's bounded history (best 100 + recent 200) and over the whole study, at each study size."""
     import optuna
 
-    rng = random.Random(seed)
-    study = optuna.load_study(study_name=study_name, storage=database_url)
-    distributions = optuna_distributions()
-    batch = []
-    for _ in range(trials):
-        params = {"learning_rate": 10 ** rng.uniform(-5, -3), "lora_r": rng.choice([4, 8, 16, 32]),
-                  "weight_decay": rng.uniform(0, 0.1), "warmup_ratio": rng.uniform(0, 0.2)}
-        steps = RUNGS if rng.random() < 0.4 else RUNGS[: rng.randint(1, 4)]
-        intermediate = {s: simulated_quality(params, s) for s in steps}
-        complete = steps[-1] == 100
-        batch.append(optuna.trial.create_trial(
-            params=params, distributions=distributions, intermediate_values=intermediate,
-            value=intermediate[100] if complete else None,
-            state=optuna.trial.TrialState.COMPLETE if complete else optuna.trial.TrialState.PRUNED))
-    study.add_trials(batch)
+    from tunefleet.service.storage import BoundedHistorySampler, ServerStorage
 
-
-def bench_memory(pg: str, studies: int, trials: int, auth: bool, log: Path) -> dict[str, Any]:
-    """Server RSS empty, then after it has read and leased from `studies` × `trials` finished trials."""
-    with fresh_database(pg) as database_url, running_server(database_url, auth, log) as server, \
-            Client(server.url, server.token, timeout=300) as client:
-        rss_empty = rss_mb(server.pid)
-        names = []
-        for i in range(studies):
-            # One trial of budget left, so a lease makes the server ask() on each study.
-            names.append(client.create_study(study_spec(f"bench-memory-{i}", max_trials=trials + 1))["name"])
-        started = time.monotonic()
-        with _context().Pool(min(4, studies)) as pool:
-            pool.starmap(_fill_study, [(database_url, name, trials, i) for i, name in enumerate(names)])
-        fill_seconds = time.monotonic() - started
-        started = time.monotonic()
-        for study in client.list_studies(limit=500)["items"]:
-            client.get_study(study["id"])
-            for offset in range(0, trials, 1000):
-                client.list_trials(study["id"], limit=1000, offset=offset)
-            client.study_report(study["id"])
-        leased = sum(client.lease("bench-memory", {"type": "cpu"}, "bench") is not None for _ in range(studies))
-        load_seconds = time.monotonic() - started
-        return {"studies": studies, "trials per study": trials, "RSS empty (MiB)": rss_empty,
-                "RSS loaded (MiB)": rss_mb(server.pid), "fill (s, Optuna direct)": fill_seconds,
-                "read + lease all (s)": load_seconds, "leases": leased}
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    rows = []
+    for size in sizes:
+        cells = [f"{size:,}"]
+        for bounded in (True, False):
+            with fresh_database(pg) as database_url:
+                _create_optuna_study(database_url, size)
+                rdb = optuna.storages.RDBStorage(database_url)
+                sampler = optuna_sampler(0)
+                study = optuna.load_study(study_name=STUDY, storage=ServerStorage(rdb), pruner=optuna_pruner(),
+                                          sampler=BoundedHistorySampler(sampler, 100, 200) if bounded else sampler)
+                study.get_trials(deepcopy=False)  # load the study first, as the server does once
+                samples = []
+                for _ in range(asks):
+                    started = time.perf_counter()
+                    trial = study.ask(optuna_distributions())
+                    samples.append(time.perf_counter() - started)
+                    study.tell(trial, simulated_quality(trial.params, 100))
+                rdb.engine.dispose()
+            quantiles = statistics.quantiles(samples, n=20, method="inclusive")
+            cells.append(f"{statistics.median(samples) * 1000:.0f} / {quantiles[18] * 1000:.0f}")
+        rows.append(cells)
+    return ["finished trials", "bounded history: ask p50 / p95 ms", "whole study: ask p50 / p95 ms"], rows
 
 
 # -- output -------------------------------------------------------------------------------------
 
 
 def _ms(value: float | None) -> str:
-    return "—" if value is None else f"{value:.1f}"
+    return "—" if value is None else f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def _ratio(r: Result, peer: Result | None) -> str:
+    if peer is None or not r.mode.startswith("service"):
+        return ""
+    if not peer.rate:
+        return "∞ (peer: no cycle)" if r.rate else ""
+    return f"{r.rate / peer.rate:.2f}"
 
 
 def throughput_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
-    header = ["workers", "mode", "trial cycles/s", "lease (ask) p50/p95 ms", "report p50/p95 ms",
-              "complete (tell) p50/p95 ms", "service/direct", "errors"]
+    header = ["finished trials", "workers", "mode", "cycles/s", "lease (ask) p50 / p95 / p99 ms",
+              "report p50 / p95 ms", "complete (tell) p50 / p95 ms", "× direct", "× grpc", "server RSS MiB",
+              "errors"]
+    peers = {(r.mode, r.finished, r.workers): r for r in results}
     rows = []
-    by_key = {(r.mode, r.workers): r for r in results}
     for r in results:
-        calls = SERVICE_CALLS if r.mode.startswith("service") else DIRECT_CALLS
-        direct = by_key.get(("direct", r.workers))
-        ratio = f"{r.rate / direct.rate:.2f}" if r.mode.startswith("service") and direct and direct.rate else ""
-        rows.append([str(r.workers), r.mode, f"{r.rate:.1f}",
-                     *(f"{_ms(r.percentile_ms(c, 0.5))} / {_ms(r.percentile_ms(c, 0.95))}" for c in calls),
-                     ratio, "; ".join(sorted(set(r.errors)))[:200] or "0"])
+        calls = SERVICE_CALLS if r.mode.startswith("service") else PEER_CALLS
+        direct, grpc = (peers.get((peer, r.finished, r.workers)) for peer in ("direct", "grpc"))
+        lease = " / ".join(_ms(r.percentile_ms(calls[0], q)) for q in (0.5, 0.95, 0.99))
+        rows.append([f"{r.finished:,}", str(r.workers) + (f" ({r.layout})" if r.layout else ""), r.mode,
+                     f"{r.rate:.1f}", lease,
+                     *(f"{_ms(r.percentile_ms(c, 0.5))} / {_ms(r.percentile_ms(c, 0.95))}" for c in calls[1:]),
+                     _ratio(r, direct), _ratio(r, grpc), "" if r.rss_mb is None else f"{r.rss_mb:.0f}",
+                     "; ".join(sorted(set(r.errors)))[:200] or "0"])
     return header, rows
+
+
+def memory_rows(results: list[Result]) -> tuple[list[str], list[list[str]]] | None:
+    """Memory per finished trial: RSS growth from the smallest to the largest study, per finished trial,
+    for the one-process server and the gRPC proxy (each at its largest worker count)."""
+    rows = []
+    for mode in ("service", "grpc"):
+        runs = [r for r in results if r.mode == mode and r.rss_mb is not None]
+        if len({r.finished for r in runs}) < 2:
+            continue
+        workers = max(r.workers for r in runs)
+        by_size = sorted((r for r in runs if r.workers == workers), key=lambda r: r.finished)
+        small, large = by_size[0], by_size[-1]
+        assert small.rss_mb is not None and large.rss_mb is not None
+        per_trial = (large.rss_mb - small.rss_mb) * 1024 / (large.finished - small.finished)
+        rows.append([mode, str(workers), f"{small.rss_mb:.0f} at {small.finished:,}",
+                     f"{large.rss_mb:.0f} at {large.finished:,}", f"{per_trial:.1f}"])
+    header = ["server", "workers", "RSS MiB (smallest study)", "RSS MiB (largest study)", "KiB per finished trial"]
+    return (header, rows) if rows else None
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -431,62 +613,75 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(cell.replace("|", "/") for cell in line) + " |" for line in lines)
 
 
-def write_report(path: Path, command: str, throughput: tuple[list[str], list[list[str]]] | None,
-                 memory: dict[str, Any] | None) -> None:
+def write_report(path: Path, command: str, rung_seconds: float, throughput: tuple[list[str], list[list[str]]],
+                 memory: tuple[list[str], list[list[str]]] | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    parts = ["# Service throughput vs Optuna RDBStorage direct", "",
+    parts = ["# Service throughput vs Optuna direct and Optuna's gRPC proxy", "",
              f"Measured {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.node()} "
              f"({os.cpu_count()} CPUs, Python {platform.python_version()}), PostgreSQL on loopback.", "",
-             "```", command, "```", ""]
-    if throughput:
-        parts += ["A cycle is lease + 5 reports + complete over HTTP (service) or ask + 5 × (report + "
-                  "should_prune) + tell on RDBStorage (direct); a pruned trial ends its cycle early on both "
-                  "sides. TPE + Hyperband, zero training time.", "", markdown_table(*throughput), ""]
+             "```", command, "```", "",
+             "A cycle is lease + 5 reports + complete over HTTP (service) or ask + 5 × (report + should_prune) + "
+             "tell through RDBStorage (direct) or the gRPC proxy (grpc); a pruned trial ends its cycle early. "
+             f"TPE (multivariate, constant liar) + Hyperband on every side, {rung_seconds} s of training per rung; "
+             "only cycles "
+             "finished inside the window count. `× direct` and `× grpc`: the service's cycles/s over the "
+             "peer's at the same size and workers, in this run.", "", markdown_table(*throughput), ""]
     if memory:
-        parts += ["## Server memory", "", markdown_table(list(memory), [[_fmt(v) for v in memory.values()]]), ""]
+        parts += ["## Server memory per finished trial", "", markdown_table(*memory), ""]
     path.write_text("\n".join(parts))
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.1f}" if isinstance(value, float) else str(value)
-
-
 def main(
-    workers: Annotated[str, typer.Option(help="Comma-separated numbers of worker processes.")] = "1,10,100",
-    duration: Annotated[float, typer.Option(help="Seconds of measurement per run.")] = 20.0,
+    workers: Annotated[str, typer.Option(help="Comma-separated numbers of workers.")] = "1,10,100",
+    finished: Annotated[str, typer.Option(help="Comma-separated numbers of finished trials in the study.")]
+    = "0,5000,20000",
+    duration: Annotated[float, typer.Option(help="Seconds of measurement per run.")] = 15.0,
+    rung_seconds: Annotated[float, typer.Option(
+        help="Mean simulated training time before each rung's report, ±50 % per trial (0: the server is the "
+        "only cost). With training time, each worker's first lease (the fleet's start burst) gives no latency."
+    )] = 0.0,
     out: Annotated[Path, typer.Option(help="Markdown report.")] = Path("docs/benchmarks/service_throughput.md"),
     pg: Annotated[str, typer.Option(help="PostgreSQL server (databases are created and dropped there).")]
     = "postgresql+psycopg2://postgres@127.0.0.1:5432",
-    direct: Annotated[bool, typer.Option(help="Also measure Optuna's RDBStorage directly.")] = True,
-    memory: Annotated[bool, typer.Option(help="Also measure server memory with many finished trials.")] = True,
-    memory_studies: Annotated[int, typer.Option(help="Studies loaded for the memory measurement.")] = 20,
-    memory_trials: Annotated[int, typer.Option(help="Finished trials per study.")] = 1000,
+    modes: Annotated[str, typer.Option(help="Comma-separated sides to measure: service, direct, grpc.")]
+    = "service,direct,grpc",
+    direct_processes: Annotated[int, typer.Option(
+        help="Most direct processes (each holds one PostgreSQL connection); more workers run as threads.")] = 25,
     auth: Annotated[bool, typer.Option(help="Run the server with bearer tokens, as in production.")] = True,
     server_processes: Annotated[str, typer.Option(
         help="Comma-separated server process counts to measure (`tunefleet server --processes`).")] = "1",
     server_log: Annotated[Path, typer.Option(help="Where the servers' output goes.")]
     = Path("/tmp/tunefleet-benchmark-server.log"),
+    asks: Annotated[bool, typer.Option(
+        help="Only measure one ask's cost at each --finished size, bounded history vs whole study.")] = False,
 ) -> None:
-    """Service vs direct Optuna trial throughput and latency, and server memory; prints tables."""
-    counts = [int(n) for n in workers.split(",") if n.strip()]
+    """Service vs Optuna direct vs Optuna's gRPC proxy: trial throughput, lease latency, server memory."""
+    sizes = [int(f) for f in finished.split(",") if f.strip()]
+    if asks:
+        print_table("one TPE ask", *ask_cost(pg, sizes))
+        return
+    sides = {m.strip() for m in modes.split(",") if m.strip()}
     results: list[Result] = []
-    for n in counts:
-        for processes in [int(p) for p in server_processes.split(",") if p.strip()]:
-            console.print(f"[bold]{n} worker(s)[/]: service, {processes} server process(es) ...")
-            results.append(bench_service(pg, n, duration, auth, server_log, processes))
-        if direct:
-            console.print(f"[bold]{n} worker(s)[/]: direct ...")
-            results.append(bench_direct(pg, n, duration))
-    throughput = throughput_rows(results) if results else None
-    if throughput:
-        print_table("trial cycles", *throughput)
-    memory_result = None
+    for size in sizes:
+        for n in [int(w) for w in workers.split(",") if w.strip()]:
+            if "service" in sides:
+                for processes in [int(p) for p in server_processes.split(",") if p.strip()]:
+                    console.print(f"[bold]{size:,} finished, {n} worker(s)[/]: service, {processes} process(es) ...")
+                    results.append(bench_service(pg, size, n, duration, rung_seconds, auth, server_log, processes))
+            if "direct" in sides:
+                console.print(f"[bold]{size:,} finished, {n} worker(s)[/]: direct ...")
+                results.append(bench_direct(pg, size, n, duration, rung_seconds, direct_processes))
+            if "grpc" in sides:
+                console.print(f"[bold]{size:,} finished, {n} worker(s)[/]: grpc ...")
+                results.append(bench_grpc(pg, size, n, duration, rung_seconds))
+            print_table("trial cycles", *throughput_rows([r for r in results if (r.finished, r.workers) == (size, n)]))
+    throughput = throughput_rows(results)
+    print_table("trial cycles", *throughput)
+    memory = memory_rows(results)
     if memory:
-        console.print(f"memory: {memory_studies} studies × {memory_trials} finished trials ...")
-        memory_result = bench_memory(pg, memory_studies, memory_trials, auth, server_log)
-        print_table("server memory", list(memory_result), [[_fmt(v) for v in memory_result.values()]])
+        print_table("server memory", *memory)
     command = " ".join(["python", "benchmarks/service_throughput.py", *sys.argv[1:]])
-    write_report(out, command, throughput, memory_result)
+    write_report(out, command, rung_seconds, throughput, memory)
     console.print(f"report written to {out}")
 
 

@@ -3,7 +3,8 @@ one Optuna ``Study`` per active study, and the locks that serialise work per stu
 
 ``ServerStorage`` keeps every trial of a loaded study in memory (running ones written through to the
 database), so one storage object and one ``Study`` per study for the life of the process means a request
-never reloads a study's trials.
+never reloads a study's trials. TPE and GP samplers of single-objective studies read a bounded history
+(`BoundedHistorySampler`), so one ask does not grow with the study.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import sqlalchemy as sa
@@ -27,9 +28,12 @@ from tunefleet.service.db import engine_kwargs, make_engine, transaction
 from tunefleet.service.errors import NotFound
 from tunefleet.service.search import build_pruner, build_sampler, distributions
 from tunefleet.service.spec import StudySpec
-from tunefleet.service.storage import ServerStorage, one_thread_for_gp
+from tunefleet.service.storage import BoundedHistorySampler, ServerStorage, one_thread_for_gp
 from tunefleet.service.tables import Lease
 from tunefleet.service.tables import Study as StudyRow
+
+if TYPE_CHECKING:
+    from tunefleet.service.queue import QueueFiller
 
 __all__ = ["Backend", "StudyRuntime"]
 
@@ -107,6 +111,8 @@ class Backend:
         # Called once for each trial this process moves to a final state ("pruned", ...), after the commit;
         # the API layer sets it to count them into Prometheus (the domain layer knows no metrics).
         self.on_trial_finished: Callable[[str], None] = _ignore
+        # The thread that keeps lease queues filled, started by the first lease (see service/queue.py).
+        self.queue_filler: QueueFiller | None = None
 
     def session(self) -> contextlib.AbstractContextManager[Session]:
         return transaction(self.sessions)
@@ -129,9 +135,17 @@ class Backend:
         return runtime
 
     def _load(self, study_id: int, name: str, spec: StudySpec) -> StudyRuntime:
-        study = optuna.load_study(study_name=name, storage=self.storage, sampler=build_sampler(spec),
+        study = optuna.load_study(study_name=name, storage=self.storage, sampler=self._sampler(spec),
                                   pruner=build_pruner(spec))
         return StudyRuntime(study_id, name, spec, study, distributions(spec), spec.rungs(), threading.Lock())
+
+    def _sampler(self, spec: StudySpec) -> optuna.samplers.BaseSampler:
+        """The spec's sampler; TPE and GP of a single objective over a bounded history of the study."""
+        sampler = build_sampler(spec)
+        best, recent = self.settings.sampler_best_trials, self.settings.sampler_recent_trials
+        if spec.search.sampler not in ("tpe", "gp") or spec.multi_objective or not (best or recent):
+            return sampler
+        return BoundedHistorySampler(sampler, best, recent)
 
     def forget(self, study_id: int) -> None:
         with self._runtimes_lock:
@@ -167,6 +181,8 @@ class Backend:
         return self._trial_locks[trial_id % _TRIAL_LOCK_STRIPES]
 
     def close(self) -> None:
+        if self.queue_filler is not None:
+            self.queue_filler.stop()
         self.rdb.remove_session()
         self.rdb.engine.dispose()
         self.engine.dispose()

@@ -46,6 +46,16 @@ class Settings(BaseSettings):
         1.0, ge=0, description="how stale the server's in-memory view of running trials may be when another "
         "server replica (or a script) writes to the same studies; 0 re-reads them on every call"
     )
+    lease_queue_size: int = Field(
+        4, ge=0, description="trials asked ahead for each running study, so a lease claims one instead of "
+        "waiting for a sampler; refilled in the background once fewer than half are left. 0 asks on the "
+        "lease request itself"
+    )
+    sampler_best_trials: int = Field(
+        100, ge=0, description="TPE and GP (single objective) model the best this many complete trials, plus "
+        "the most recent ones, plus every running one; both 0 reads the whole study on each ask"
+    )
+    sampler_recent_trials: int = Field(200, ge=0, description="the most recently finished trials TPE and GP model")
     artifact_dir: Path | None = Field(None, description="artifact store folder; unset means <home>/artifacts")
     max_artifact_mb: int = Field(2048, gt=0, description="largest artifact file accepted")
     max_trial_artifact_mb: int = Field(20480, gt=0, description="all artifacts of one trial together")

@@ -42,6 +42,7 @@ from tunefleet.service.artifacts import delete_checkpoints, find_artifact
 from tunefleet.service.auth import Principal, check_lease_token, new_lease_token
 from tunefleet.service.backend import Backend, StudyRuntime
 from tunefleet.service.errors import Conflict, InvalidInput, LeaseLost, NotFound
+from tunefleet.service.queue import QUEUED, claim, wake
 from tunefleet.service.scheduling import PausedTrial, policy_for
 from tunefleet.service.schemas import (
     CompleteIn,
@@ -134,14 +135,60 @@ def _repeated_lease(backend: Backend, body: LeaseIn, principal: Principal) -> Le
 
 
 def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn, principal: Principal) -> LeaseOut | None:
+    """A trial of the study for the worker: the oldest of the study's lease queue (a claim: no sampler runs
+    on the request path, see service/queue.py), or, when the queue is empty, one asked now; None when the
+    study has no work left. Re-queued trials (and the baseline) wait in Optuna's own queue, which an ask
+    empties first: while the study has some, leases ask, so they jump the queue of pre-asked trials."""
+    if runtime.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        return _ask_now(backend, runtime, body, principal)
+    return _from_queue(backend, runtime, body, principal) or _ask_now(backend, runtime, body, principal)
+
+
+def _from_queue(backend: Backend, runtime: StudyRuntime, body: LeaseIn, principal: Principal) -> LeaseOut | None:
+    """Lease the oldest queued trial of the study; None when its queue is empty. Wakes the queue's filler."""
+    token, token_hash = new_lease_token()
+    try:
+        with backend.session() as session:
+            record = claim(session, runtime.id, _lease_values(backend, body, principal, token_hash))
+            if record is not None:
+                _count_lease(session, runtime.id, body.worker_id)
+    except IntegrityError:
+        # A concurrent retry of this request_id won (the trial stays queued): answer with its lease.
+        return _repeated_lease(backend, body, principal)
+    wake(backend, runtime)
+    if record is None:
+        return None
+    log.info("trial %s (study %s) leased to %s from the queue", record.trial_id, runtime.name, body.worker_id,
+             extra=_ids(record))
+    return _lease_out(backend, record, token)
+
+
+def _lease_values(backend: Backend, body: LeaseIn, principal: Principal, token_hash: str) -> dict[str, Any]:
+    """The columns of a lease row that say who holds it and until when."""
+    return {"worker_id": body.worker_id, "request_id": body.request_id, "token_hash": token_hash,
+            "owner_token_id": principal.token_id, "deadline": lease_deadline(backend)}
+
+
+def _count_lease(session: Session, study_id: int, worker_id: str) -> None:
+    session.execute(sa.update(StudyRow).where(StudyRow.id == study_id).values(last_leased_at=utcnow()))
+    session.execute(sa.update(Worker).where(Worker.id == worker_id).values(trials_leased=Worker.trials_leased + 1))
+
+
+def _ask_now(backend: Backend, runtime: StudyRuntime, body: LeaseIn, principal: Principal) -> LeaseOut | None:
+    """Ask a trial on the request path and lease it, unless no re-queued trial is waiting and the queue has
+    one (the filler may have queued some while this request waited for the ask lock)."""
     with backend.ask_lock(runtime):
         backend.storage.sync(runtime.id)  # trials other server processes created or finished
         with backend.session() as session:
             row = session.get(StudyRow, runtime.id)
             if row is None or row.state != "running":
                 return None
-            room = usage(session, runtime).has_room(runtime.spec)
-        if not room:
+            use = usage(session, runtime)
+        if not use.waiting or not use.has_room(runtime.spec):
+            queued = _from_queue(backend, runtime, body, principal)
+            if queued is not None:
+                return queued
+        if not use.has_room(runtime.spec):
             maybe_complete(backend, runtime)
             return None
         with backend.storage.batched_ask():
@@ -152,14 +199,11 @@ def _lease_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn, principa
     try:
         with backend.session() as session:
             attrs = trial.user_attrs
-            record = Lease(trial_id=trial_storage_id(trial), study_id=runtime.id, worker_id=body.worker_id,
-                           request_id=body.request_id, token_hash=token_hash, owner_token_id=principal.token_id,
-                           attempt=int(attrs.get("attempt", 0)), retry_of=attrs.get("retry_of"), state="active",
-                           deadline=lease_deadline(backend))
+            record = Lease(trial_id=trial_storage_id(trial), study_id=runtime.id, state="active",
+                           attempt=int(attrs.get("attempt", 0)), retry_of=attrs.get("retry_of"),
+                           **_lease_values(backend, body, principal, token_hash))
             session.add(record)
-            session.execute(sa.update(StudyRow).where(StudyRow.id == runtime.id).values(last_leased_at=utcnow()))
-            session.execute(sa.update(Worker).where(Worker.id == body.worker_id)
-                            .values(trials_leased=Worker.trials_leased + 1))
+            _count_lease(session, runtime.id, body.worker_id)
     except IntegrityError:
         # The orphan reaper claimed this trial (its row is there: it fails and re-queues it), or a concurrent
         # retry of this request_id won. Then the trial goes back as the reaper would, so the budget stays
@@ -182,6 +226,9 @@ def _resume_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn, princip
     policy = policy_for(runtime.spec)
     if policy is None:
         return None
+    with backend.session() as session:  # the common case, nothing paused, without the study's ask lock
+        if not paused_trials(session, runtime.id):
+            return None
     with backend.ask_lock(runtime):
         with backend.session() as session:
             row = session.get(StudyRow, runtime.id)
@@ -530,7 +577,8 @@ def _pause_expired(backend: Backend, record: Lease, step: int, reason: str) -> N
 def reap_orphans(backend: Backend) -> int:
     """Fail RUNNING trials that never got a lease row, once older than a lease plus the grace period, and
     re-queue their parameters as for an expired lease. They exist when a server process stopped between
-    `ask` and writing the lease (the lease row is written after the ask lock is released)."""
+    `ask` and writing the lease (the lease row is written after the ask lock is released). Also fails the
+    queued trials of stopped studies (see service/queue.py)."""
     settings = backend.settings
     cutoff = optuna_now() - timedelta(seconds=settings.lease_seconds + settings.heartbeat_grace_seconds)
     query = unleased_running_trials(sa.select(Lease.trial_id), sa.select(StudyRow.id), cutoff)
@@ -544,7 +592,24 @@ def reap_orphans(backend: Backend) -> int:
             continue
         reaped += _claim_and_requeue(backend, runtime, trial_id,
                                      "never leased: the server stopped between ask and writing the lease")
+    _drain_stopped_queues(backend)  # not counted: these trials never had a worker
     return reaped
+
+
+def _drain_stopped_queues(backend: Backend) -> None:
+    """Fail the queued trials of stopped studies (never handed out, not re-queued).
+
+    Safe to repeat after a fault: Optuna's FAIL comes first, and a trial already failed is only marked so in
+    its row. Claims never race this: workers only lease from running studies, and a stop is final."""
+    stopped = sa.select(StudyRow.id).where(StudyRow.state == "stopped")
+    with backend.session() as session:
+        queued = session.scalars(sa.select(Lease.trial_id).where(Lease.state == QUEUED,
+                                                                 Lease.study_id.in_(stopped))).all()
+    for trial_id in queued:
+        with _locked_lease(backend, trial_id, None, holder_only=False) as (session, record, runtime):
+            if record.state == QUEUED:
+                _fail_and_maybe_requeue(backend, session, record, runtime, "the study was stopped before a "
+                                        "worker leased this trial", False, "failed")
 
 
 def _claim_and_requeue(backend: Backend, runtime: StudyRuntime, trial_id: int, reason: str) -> bool:

@@ -20,6 +20,15 @@ Here the server keeps its own copy of running trials as well:
   other processes' intermediate values of *other* trials may lag (the pruner's view of a rung); a report
   re-reads its own trial when another process took one of its earlier reports (`leases.report`).
 
+## What a model-based sampler reads: a bounded history
+TPE and GP read every trial of the study on each ask, so one ask grows with the study (TPE: ~25 ms empty,
+~50 ms at 5,000 finished trials; GP: cubic). `BoundedHistorySampler` wraps such a sampler: while it runs,
+`get_all_trials` of that study answers with the unfinished trials (constant liar needs every running one)
+plus a bounded set of finished ones, the `best` best complete trials and the `recent` most recently
+finished. `_History` keeps that set up to date as trials finish, touching only trials that changed since
+the last ask, so an ask costs the same at 500 and at 50,000 finished trials. The rest of the server
+(budget, views, pruners) reads the whole study as before.
+
 ## Optuna's private internals: every use is in this module
 `optuna==5.0.0` is pinned because of them. No other tunefleet module imports an `optuna.*._*` name or
 reads a private attribute of an Optuna object (a test checks it); they go through the helpers here.
@@ -52,9 +61,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import heapq
 import json
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -65,6 +76,7 @@ import sqlalchemy as sa
 from optuna import distributions
 from optuna._gp.thread_limiting import limit_threads_in_optimization
 from optuna._typing import JSONSerializable
+from optuna.samplers import BaseSampler
 from optuna.storages import RDBStorage
 from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb.models import (
@@ -76,17 +88,19 @@ from optuna.storages._rdb.models import (
     TrialUserAttributeModel,
     TrialValueModel,
 )
+from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.dialects import postgresql, sqlite
 
-__all__ = ["OPTUNA_VERSION_TABLE", "ServerStorage", "one_thread_for_gp", "optuna_now", "study_id_of_trial",
-           "study_storage_id", "trial_storage_id", "unleased_running_trials", "whole_study"]
+__all__ = ["OPTUNA_VERSION_TABLE", "BoundedHistorySampler", "ServerStorage", "one_thread_for_gp", "optuna_now",
+           "study_id_of_trial", "study_storage_id", "trial_storage_id", "unleased_running_trials", "whole_study"]
 
 OPTUNA_VERSION_TABLE = "version_info"
 
 _TRIALS = TrialModel.__table__
 _STUDIES = StudyModel.__table__
 _UPDATABLE = (TrialState.RUNNING, TrialState.WAITING)
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 def _state(value: Any) -> TrialState:
@@ -148,6 +162,99 @@ def _detached(trial: FrozenTrial) -> FrozenTrial:
     clone._system_attrs = dict(trial._system_attrs)
     clone.intermediate_values = dict(trial.intermediate_values)
     return clone
+
+
+class _History:
+    """The finished trials of one single-objective study that a bounded sampler reads: the `best` best
+    complete ones and the `recent` most recently finished (any state), plus every unfinished trial.
+
+    Kept up to date by `advance`, which looks only at trials that are new or were unfinished last time:
+    finished trials never change, so nothing else needs a second look. Guarded by the storage's lock."""
+
+    def __init__(self, best: int, recent: int, maximize: bool):
+        self.best, self.maximize = best, maximize
+        self._next_number = 0  # every trial numbered below this one was seen
+        self._unfinished: set[int] = set()  # numbers
+        self._best: list[tuple[float, int]] = []  # min-heap of (score, number): the worst of the best on top
+        self._recent: deque[int] = deque(maxlen=recent)
+
+    def advance(self, trials: dict[int, FrozenTrial]) -> None:
+        for number in [n for n in self._unfinished if trials[n].state.is_finished()]:
+            self._unfinished.discard(number)
+            self._add(trials[number])
+        while self._next_number in trials:  # numbers are dense; a gap is filled by the next read
+            trial = trials[self._next_number]
+            if trial.state.is_finished():
+                self._add(trial)
+            else:
+                self._unfinished.add(trial.number)
+            self._next_number += 1
+
+    def _add(self, trial: FrozenTrial) -> None:
+        self._recent.append(trial.number)
+        if trial.state != TrialState.COMPLETE or trial.values is None or not self.best:
+            return
+        score = trial.values[0] if self.maximize else -trial.values[0]
+        if len(self._best) < self.best:
+            heapq.heappush(self._best, (score, trial.number))
+        else:
+            heapq.heappushpop(self._best, (score, trial.number))
+
+    def numbers(self) -> list[int]:
+        """The numbers of the trials the sampler sees, in order (samplers rely on it)."""
+        return sorted({n for _, n in self._best} | set(self._recent) | self._unfinished)
+
+
+class BoundedHistorySampler(BaseSampler):
+    """A sampler that reads a bounded history of its study: every unfinished trial, the `best` best complete
+    trials and the `recent` most recently finished ones (see the module docstring). Every other call goes
+    to the wrapped sampler unchanged. (GP asks run with one thread anyway: `one_thread_for_gp`, applied by
+    `Backend.ask_lock`.)
+
+    Single-objective studies only: "best" needs one objective. Other storages than `ServerStorage` (a
+    script's) read the whole study."""
+
+    def __init__(self, sampler: BaseSampler, best: int, recent: int):
+        self.sampler, self.best, self.recent = sampler, best, recent
+        self._history: _History | None = None
+
+    def __str__(self) -> str:
+        return f"BoundedHistorySampler({self.sampler}, best={self.best}, recent={self.recent})"
+
+    @contextlib.contextmanager
+    def _bounded(self, study: Study) -> Iterator[None]:
+        storage = study._storage
+        if self._history is None:
+            self._history = _History(self.best, self.recent, study.direction == StudyDirection.MAXIMIZE)
+        reads = (storage.bounded_reads(study._study_id, self._history) if isinstance(storage, ServerStorage)
+                 else contextlib.nullcontext())
+        with reads:
+            yield
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, Any]:
+        with self._bounded(study):
+            return self.sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        with self._bounded(study):
+            return self.sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: distributions.BaseDistribution) -> Any:
+        with self._bounded(study):
+            return self.sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        with self._bounded(study):
+            self.sampler.before_trial(study, trial)
+
+    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        with self._bounded(study):
+            self.sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.sampler.reseed_rng()
 
 
 @dataclass
@@ -276,15 +383,50 @@ class ServerStorage(_CachedStorage):
         """Read one trial from the database into memory, for a caller that knows another process wrote it."""
         return self._read_trial(trial_id)
 
+    @contextlib.contextmanager
+    def bounded_reads(self, study_id: int, history: _History) -> Iterator[None]:
+        """Inside the block, this thread's `get_all_trials` of the study answers from `history` (a
+        bounded sampler's view, see `BoundedHistorySampler`)."""
+        outer = getattr(self._local, "history", None)
+        self._local.history = (study_id, history)
+        try:
+            yield
+        finally:
+            self._local.history = outer
+
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
         if not self._fresh(study_id):
             self.refresh(study_id)
+        bounded = getattr(self._local, "history", None)
+        with self._lock:
+            study = self._studies[study_id]
+            if bounded is not None and bounded[0] == study_id:
+                bounded[1].advance(study.trials)
+                candidates = [study.trials[n] for n in bounded[1].numbers()]
+            elif states is not None and not any(s in states for s in _FINISHED):
+                # Waiting or running trials only (every ask looks for waiting ones): no need to scan the study.
+                located = (self._trial_id_to_study_id_and_number[i] for i in study.unfinished_trial_ids)
+                candidates = sorted((study.trials[n] for _, n in located), key=lambda t: t.number)
+            else:
+                candidates = sorted(study.trials.values(), key=lambda t: t.number)  # samplers rely on the order
+            selected = [t for t in candidates if states is None or t.state in states]
+            return copy.deepcopy(selected) if deepcopy else selected
+
+    def trial_count(self, study_id: int) -> int:
+        """How many trials of the study are in memory (all of them once it was read)."""
+        if not self._fresh(study_id):
+            self.refresh(study_id)
+        with self._lock:
+            return len(self._studies[study_id].trials)
+
+    def trials_by_number(self, study_id: int, numbers: range) -> list[FrozenTrial]:
+        """The study's trials with these numbers, in order (a page of a trial list, without the rest)."""
+        if not self._fresh(study_id):
+            self.refresh(study_id)
         with self._lock:
             trials = self._studies[study_id].trials
-            selected = [t for t in trials.values() if states is None or t.state in states]
-            selected.sort(key=lambda t: t.number)  # some samplers rely on this order
-            return copy.deepcopy(selected) if deepcopy else selected
+            return [trials[n] for n in numbers if n in trials]
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         with self._lock:

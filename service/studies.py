@@ -52,14 +52,14 @@ class Usage:
     its retry takes its place."""
 
     used: int
-    running: int  # Optuna's RUNNING trials: leased ones and paused ones
+    running: int  # Optuna's RUNNING trials: leased, queued (asked ahead for a lease) and paused ones
     waiting: int
     gpu_hours: float
     paused: int = 0
 
     @property
     def active(self) -> int:
-        """Trials a worker holds now (running and not paused)."""
+        """Trials a worker holds now or that are queued for the next lease (running and not paused)."""
         return self.running - self.paused
 
     def has_room(self, spec: StudySpec) -> bool:
@@ -276,17 +276,22 @@ def _current(backend: Backend, study_id: int) -> StudyRuntime:
 
 def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> StudyOut:
     trials = runtime.study.get_trials(deepcopy=False)
-    counts = Counter(t.state.name.lower() for t in trials)
+    held = _held_ids(session, row.id)
+    counts = Counter(_view_state(t, held).lower() for t in trials)
     use = usage(session, runtime, trials)
-    counts["running"], counts["paused"] = use.active, use.paused
+    # A paused trial is RUNNING in Optuna and holds no worker: counted apart from the running ones.
+    counts["running"], counts["paused"] = counts["running"] - use.paused, use.paused
     best = _best_trial(runtime, trials)
     max_trials = runtime.spec.budget.max_trials
     project = session.get(Project, row.project_id)
     return StudyOut(
         id=row.id, name=row.name, project=project.name if project else "?", state=row.state, spec=row.spec,
         created_at=row.created_at,
-        counts={s: counts.get(s, 0) for s in ("waiting", "running", "paused", "complete", "pruned", "fail")},
-        trials_used=use.used, max_trials=max_trials, progress=min(1.0, use.used / max_trials),
+        counts={s: counts.get(s, 0) for s in ("waiting", "queued", "running", "paused", "complete", "pruned",
+                                              "fail")},
+        # Queued trials hold a place in the budget, but no worker has them yet: not "used" in the view.
+        trials_used=use.used - counts["queued"], max_trials=max_trials,
+        progress=min(1.0, (use.used - counts["queued"]) / max_trials),
         gpu_hours=_lease_hours(session, row.id),
         rungs=runtime.rungs,
         best_trial=_trial_view(best, row.id, *_trial_extras(session, [trial_storage_id(best)])) if best else None,
@@ -296,12 +301,33 @@ def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> Study
 
 
 def _lease_hours(session: Session, study_id: int) -> float:
-    """Device-hours held by the study's trials: earlier segments of resumed trials plus each current one."""
+    """Device-hours of the study: the time its leases were held (queued trials hold no device; earlier
+    segments of paused and resumed trials are in `held_seconds`), summed in the database (one aggregate)."""
     now = utcnow()
-    spans = session.execute(sa.select(Lease.held_seconds, Lease.started_at, Lease.finished_at)
-                            .where(Lease.study_id == study_id))
-    return round(sum(held + (aware(end or now) - aware(start)).total_seconds() for held, start, end in spans)
-                 / 3600.0, 6)
+    end = sa.func.coalesce(Lease.finished_at, now)
+    seconds: sa.ColumnElement[Any]
+    if session.get_bind().dialect.name == "postgresql":
+        seconds = sa.func.extract("epoch", end - Lease.started_at)
+    else:  # SQLite keeps datetimes as text; julianday counts days
+        seconds = (sa.func.julianday(end) - sa.func.julianday(Lease.started_at)) * 86400.0
+    total = session.scalar(sa.select(sa.func.sum(seconds + Lease.held_seconds))
+                           .where(Lease.study_id == study_id, Lease.state != "queued"))
+    return round(float(total or 0.0) / 3600.0, 6)
+
+
+def _held_ids(session: Session, study_id: int) -> set[int]:
+    """The study's trials a worker holds (an active lease) or that wait paused at a rung: not queued."""
+    return set(session.scalars(sa.select(Lease.trial_id).where(Lease.study_id == study_id,
+                                                               Lease.state.in_(("active", "paused")))))
+
+
+def _view_state(t: FrozenTrial, held: set[int]) -> str:
+    """A trial's state as the API shows it: Optuna's, except that a RUNNING trial no worker holds (and that is
+    not paused) is QUEUED (asked ahead, see service/queue.py, or asked a moment ago and not leased yet).
+    Queued trials count against the budget inside the server, but not in `trials_used`."""
+    if t.state == TrialState.RUNNING and trial_storage_id(t) not in held:
+        return "QUEUED"
+    return t.state.name
 
 
 def aware(moment: datetime) -> datetime:
@@ -446,9 +472,12 @@ def _trial_extras(session: Session, trial_ids: list[int]
 def _trial_view(t: FrozenTrial, study_id: int, leases: dict[int, Lease],
                 rung_metrics: dict[int, dict[int, dict[str, Any]]]) -> TrialOut:
     lease = leases.get(trial_storage_id(t))
+    state = _view_state(t, {lease.trial_id} if lease is not None and lease.state in ("active", "paused") else set())
+    if state == "QUEUED":
+        lease = None  # no worker holds it yet
     attrs = dict(t.user_attrs)
     return TrialOut(
-        id=trial_storage_id(t), study_id=study_id, number=t.number, state=t.state.name,
+        id=trial_storage_id(t), study_id=study_id, number=t.number, state=state,
         params=t.params or dict(t.system_attrs.get("fixed_params") or {}),  # a waiting trial: its enqueued values
         value=t.value if t.values is not None and len(t.values) == 1 else None,
         values=list(t.values) if t.values is not None else None,
@@ -466,28 +495,33 @@ def _trial_view(t: FrozenTrial, study_id: int, leases: dict[int, Lease],
 
 def list_trials(backend: Backend, study_id: int, state: str | None, limit: int, offset: int
                 ) -> tuple[list[TrialOut], int]:
-    runtime = _current(backend, study_id)
-    trials = runtime.study.get_trials(deepcopy=False)
-    if state:
-        trials = _in_state(backend, runtime, trials, state)
-    page = trials[offset: offset + limit]
+    """One page of the study's trials by number, and how many match; without a state filter only the page
+    is read."""
+    _current(backend, study_id)
+    if state is None:
+        total = backend.storage.trial_count(study_id)
+        page = backend.storage.trials_by_number(study_id, range(offset, min(offset + limit, total)))
+        with backend.session() as session:
+            extras = _trial_extras(session, [trial_storage_id(t) for t in page])
+            return [_trial_view(t, study_id, *extras) for t in page], total
+    wanted = _trial_state(state)
     with backend.session() as session:
+        held = _held_ids(session, study_id)
+        paused = {tid for tid, _, _ in paused_trials(session, study_id)}
+        trials = [t for t in backend.runtime(study_id).study.get_trials(deepcopy=False)
+                  if ("PAUSED" if trial_storage_id(t) in paused else _view_state(t, held)) == wanted]
+        page = trials[offset: offset + limit]
         extras = _trial_extras(session, [trial_storage_id(t) for t in page])
         return [_trial_view(t, study_id, *extras) for t in page], len(trials)
 
 
-def _in_state(backend: Backend, runtime: StudyRuntime, trials: list[FrozenTrial], state: str) -> list[FrozenTrial]:
-    """The trials in `state`: an Optuna state, where `running` means held by a worker, or `paused`."""
-    wanted = state.upper()
-    if wanted not in TrialState.__members__ and wanted != "PAUSED":
-        raise InvalidInput(f"unknown trial state {state!r}: use one of "
-                           f"{', '.join(s.name.lower() for s in TrialState)} or paused") from None
-    if wanted not in ("RUNNING", "PAUSED"):
-        return [t for t in trials if t.state == TrialState[wanted]]
-    with backend.session() as session:
-        paused = {tid for tid, _, _ in paused_trials(session, runtime.id)}
-    return [t for t in trials if t.state == TrialState.RUNNING and (trial_storage_id(t) in paused) == (
-        wanted == "PAUSED")]
+def _trial_state(state: str) -> str:
+    """The state name a trial filter asks for: one of Optuna's (RUNNING: held by a worker), QUEUED or PAUSED;
+    InvalidInput otherwise."""
+    names = [s.name for s in TrialState] + ["QUEUED", "PAUSED"]
+    if state.upper() not in names:
+        raise InvalidInput(f"unknown trial state {state!r}: use one of {', '.join(n.lower() for n in names)}")
+    return state.upper()
 
 
 def get_trial(backend: Backend, trial_id: int) -> TrialOut:

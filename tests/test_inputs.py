@@ -75,9 +75,11 @@ class World:
 
 
 @pytest.fixture
-def world(server: LiveServer) -> Iterator[World]:
-    """A study with one trial leased to w1: one report at 20 %, two artifacts (adapter/model.bin, log.txt)."""
-    with httpx.Client(base_url=server.url + "/api/v1", timeout=30) as http:
+def world(pg_url: str, tmp_path: Path) -> Iterator[World]:
+    """A study with one trial leased to w1: one report at 20 %, two artifacts (adapter/model.bin, log.txt).
+    No lease queue: its filler would add trials between two snapshots."""
+    with LiveServer(make_settings(pg_url, tmp_path, lease_queue_size=0)) as server, \
+            httpx.Client(base_url=server.url + "/api/v1", timeout=30) as http:
         spec = study_spec("inputs", baseline=None, search={"pruner": "none"})
         created = http.post("/studies", json=spec)
         assert created.status_code == 201, created.text
