@@ -1,5 +1,6 @@
 """Scheduling policies that pause trials at rungs and resume them later: asynchronous successive halving
-with promotions (`Asha`, ``search.pruner: asha``).
+with promotions (`Asha`, ``search.pruner: asha``) and cost-aware freeze-thaw
+(`tunefleet.service.freeze_thaw.FreezeThaw`, ``search.pruner: freeze-thaw``).
 
 A policy answers two questions, both from the whole study (every rung value of every trial):
 - a trial reported at a rung: go on (``continue``) or free the worker (``pause``: the trial saves a checkpoint
@@ -19,21 +20,31 @@ our lease table; see docs/architecture.md, "Paused trials".
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from optuna.trial import FrozenTrial, TrialState
 
-from tunefleet.service.spec import PAUSING_PRUNERS, ReportAction, StudySpec
+from tunefleet.service.spec import PrunerName, ReportAction, StudySpec
 from tunefleet.service.storage import trial_storage_id
 
-__all__ = ["Asha", "PausedTrial", "policy_for"]
+__all__ = ["Asha", "PausedTrial", "PausingPolicy", "policy_for", "tuned_trial_completed"]
 
 
 @dataclass(frozen=True)
 class PausedTrial:
     trial_id: int
     step: int  # the rung it paused at: its last reported step
+
+
+class PausingPolicy(Protocol):
+    """What `leases` and `studies.maybe_complete` ask a pausing policy (see the module's docstring)."""
+
+    def answer(self, trials: Iterable[FrozenTrial], trial_id: int, step: int) -> ReportAction: ...
+
+    def next_resume(self, trials: Sequence[FrozenTrial], paused: Sequence[PausedTrial], *, can_start_new: bool,
+                    any_active: bool) -> int | None: ...
 
 
 class Asha:
@@ -64,7 +75,7 @@ class Asha:
             ready = [p.trial_id for p in paused if p.step == step and self._promotable(values, p.trial_id)]
             if ready:
                 return self._best(ready, values)
-        if paused and not can_start_new and not any_active and not _tuned_trial_completed(trials):
+        if paused and not can_start_new and not any_active and not tuned_trial_completed(trials):
             top = max(p.step for p in paused)
             values = _rung_values(trials, top)
             return self._best([p.trial_id for p in paused if p.step == top], values)
@@ -91,12 +102,29 @@ def _rung_values(trials: Iterable[FrozenTrial], step: int) -> dict[int, float]:
             if step in t.intermediate_values and t.state != TrialState.FAIL}
 
 
-def _tuned_trial_completed(trials: Iterable[FrozenTrial]) -> bool:
+def tuned_trial_completed(trials: Iterable[FrozenTrial]) -> bool:
+    """Whether a trial other than the baseline has completed (every study should end with one)."""
     return any(t.state == TrialState.COMPLETE and not t.user_attrs.get("is_baseline") for t in trials)
 
 
-def policy_for(spec: StudySpec) -> Asha | None:
-    """The study's pausing policy; None when its pruner never pauses (Optuna's pruners)."""
-    if spec.search.pruner not in PAUSING_PRUNERS:
-        return None
+def _asha(spec: StudySpec) -> PausingPolicy:
     return Asha(spec.rungs(), spec.search.reduction_factor, spec.objectives[0].direction == "maximize")
+
+
+def _freeze_thaw(spec: StudySpec) -> PausingPolicy:
+    from tunefleet.service.freeze_thaw import FreezeThaw  # imports this module: late, to avoid a cycle
+
+    return FreezeThaw(spec.rungs(), spec.search.reduction_factor, spec.objectives[0].direction == "maximize")
+
+
+# The pruners that pause (spec.PAUSING_PRUNERS; tests/test_catalogues.py pins the two together).
+POLICIES: dict[PrunerName, Callable[[StudySpec], PausingPolicy]] = {
+    "asha": _asha,
+    "freeze-thaw": _freeze_thaw,
+}
+
+
+def policy_for(spec: StudySpec) -> PausingPolicy | None:
+    """The study's pausing policy; None when its pruner never pauses (Optuna's pruners)."""
+    build = POLICIES.get(spec.search.pruner)
+    return build(spec) if build else None

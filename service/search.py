@@ -137,11 +137,11 @@ def _nop(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _asha(spec: StudySpec) -> optuna.pruners.BasePruner:
-    # Asynchronous successive halving with promotions answers continue or pause itself
+def _pausing(spec: StudySpec) -> optuna.pruners.BasePruner:
+    # Pausing policies (asha, freeze-thaw) answer continue or pause themselves
     # (tunefleet.service.scheduling); Optuna's pruner stays out of the way.
     if spec.search.pruner_options:
-        raise ValueError("asha takes no pruner_options: set min_resource, reduction_factor or rungs")
+        raise ValueError(f"{spec.search.pruner} takes no pruner_options: set min_resource, reduction_factor or rungs")
     return optuna.pruners.NopPruner()
 
 
@@ -149,7 +149,8 @@ PRUNERS: dict[PrunerName, Callable[[StudySpec], optuna.pruners.BasePruner]] = {
     "hyperband": _hyperband,
     "successive_halving": _successive_halving,
     "median": _median,
-    "asha": _asha,
+    "asha": _pausing,
+    "freeze-thaw": _pausing,
     "none": _nop,
 }
 

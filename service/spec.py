@@ -50,9 +50,9 @@ __all__ = [
 TaskName = Literal["sequence-classification", "token-classification", "causal-lm"]
 # Keys of tunefleet.service.search.SAMPLERS / PRUNERS, the builders (tests/test_catalogues.py pins them).
 SamplerName = Literal["tpe", "mf-tpe", "gp", "random", "grid", "cmaes", "nsga2"]
-PrunerName = Literal["hyperband", "successive_halving", "median", "asha", "none"]
+PrunerName = Literal["hyperband", "successive_halving", "median", "asha", "freeze-thaw", "none"]
 # Pruners that answer "pause" (the trial saves a checkpoint and frees its worker; it may be resumed later).
-PAUSING_PRUNERS: tuple[PrunerName, ...] = ("asha",)
+PAUSING_PRUNERS: tuple[PrunerName, ...] = ("asha", "freeze-thaw")
 # Why a trial failed, as the worker classifies it. The first three are failures of the study itself (every
 # trial fails alike until someone fixes it): after budget.max_consecutive_failures of one of them in a row
 # the study pauses itself. The others depend on the trial's parameters.

@@ -13,9 +13,10 @@ from typing import get_args
 import numpy as np
 import pytest
 
-from tunefleet.service import search
+from tunefleet.service import scheduling, search
 from tunefleet.service.spec import (
     MULTI_OBJECTIVE_SAMPLERS,
+    PAUSING_PRUNERS,
     TASK_METRICS,
     TRAINING_DEFAULTS,
     TRAINING_PARAMS,
@@ -36,6 +37,7 @@ KINDS = {"str": (str,), "int": (int,), "float": (float,)}
 def test_every_sampler_and_pruner_name_has_a_builder_and_no_more() -> None:
     assert set(search.SAMPLERS) == set(get_args(SamplerName))
     assert set(search.PRUNERS) == set(get_args(PrunerName))
+    assert set(scheduling.POLICIES) == set(PAUSING_PRUNERS) <= set(search.PRUNERS)
     assert set(MULTI_OBJECTIVE_SAMPLERS) <= set(search.SAMPLERS)
 
 

@@ -82,7 +82,7 @@ def test_top_configurations_include_ties_and_each_run_counts_those_it_trained_to
     assert row["trials"] == 2 and row["full_trials"] == 2
 
 
-@pytest.mark.parametrize("strategy", ["tpe-asha", "mf-tpe-asha", "mf-tpe-hyperband"])
+@pytest.mark.parametrize("strategy", ["tpe-asha", "mf-tpe-asha", "mf-tpe-hyperband", "tpe-freeze-thaw"])
 def test_pausing_and_multi_fidelity_strategies_run_through_the_server(table: ReplayTable, strategy: str) -> None:
     budget_trials = 15.0  # enough for ASHA's cut to move and promote a paused trial
     budget = budget_trials * table.mean_total_steps()
@@ -90,7 +90,7 @@ def test_pausing_and_multi_fidelity_strategies_run_through_the_server(table: Rep
     steps = [e.steps_end for e in run.evaluations]
     assert steps == sorted(steps) and budget <= steps[-1], "the ledger's timeline spends the whole budget"
     assert any(e.final is not None for e in run.evaluations)
-    if strategy.endswith("asha"):
+    if strategy.endswith(("asha", "freeze-thaw")):
         configurations = {tuple(sorted(e.params.items())) for e in run.evaluations}
         assert len(run.evaluations) > len(configurations), "some trial paused and was resumed later"
     assert all(e.final is None or e.test is not None for e in run.evaluations)
