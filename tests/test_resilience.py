@@ -54,13 +54,15 @@ class ServerProcess:
 
 
 def test_server_killed_mid_study_loses_nothing(pg_url: str, tmp_path: Path) -> None:
-    server = ServerProcess(pg_url, tmp_path, free_port()).start()
+    # Short leases: a trial the killed server had asked for its lease queue but not yet queued is an orphan,
+    # which the restarted server's reaper fails and re-queues after a lease length.
+    server = ServerProcess(pg_url, tmp_path, free_port(), TUNEFLEET_LEASE_SECONDS="3").start()
     try:
         with Client(server.url, retries=30, backoff=0.2, max_backoff=1.0) as client:
             study = client.create_study(study_spec("server-kill", budget={"max_trials": 10},
                                                    search={"pruner": "none", "seed": 0}))
             loop = WorkerLoop(client, SimulatedTrainer(seconds_per_rung=0.15), worker_id="w", device="cpu",
-                              once=True, idle_sleep=0.1, workdir=tmp_path / "w")
+                              once=False, idle_sleep=0.1, workdir=tmp_path / "w")
             worker = threading.Thread(target=loop.run)
             worker.start()
             while client.get_study(study["id"])["counts"]["complete"] < 3:
@@ -69,7 +71,11 @@ def test_server_killed_mid_study_loses_nothing(pg_url: str, tmp_path: Path) -> N
             server.kill()  # mid-trial: the worker's calls fail and are retried with backoff
             time.sleep(1.0)
             server.start()
-            worker.join(120)
+            deadline = time.monotonic() + 120
+            while client.get_study(study["id"])["state"] != "completed" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            loop.request_shutdown()
+            worker.join(60)
             assert not worker.is_alive()
             after = {t["id"]: t for t in client.list_trials(study["id"])["items"]}
     finally:
