@@ -39,6 +39,7 @@ __all__ = [
     "SpecError",
     "StudySpec",
     "TaskName",
+    "WarmStartSpec",
     "checkpoint_storage",
     "objectives_of",
     "validate_spec",
@@ -248,6 +249,12 @@ class SearchSpec(_Strict):
         return rungs
 
 
+class WarmStartSpec(_Strict):
+    study: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+                       description="an earlier study (by name) whose best configurations run first")
+    top_k: int = Field(5, ge=1, le=100, description="how many of its best completed configurations to enqueue")
+
+
 class CheckpointSpec(_Strict):
     storage: CheckpointStorage = Field(
         "auto", description="where paused trials keep their checkpoint: upload (to the server's artifact store; "
@@ -295,6 +302,8 @@ class StudySpec(_Strict):
     search: SearchSpec = Field(default_factory=SearchSpec)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    warm_start: WarmStartSpec | None = Field(
+        None, description="enqueue the best configurations of an earlier study, after the baseline")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="the training seed of every trial")
 
     @property

@@ -167,6 +167,7 @@ def create_study(backend: Backend, data: Any, principal: Principal = ANONYMOUS_A
         project = _writable_project(session, principal, spec.project)
         if session.scalar(sa.select(StudyRow.id).where(StudyRow.name == spec.name)) is not None:
             raise Conflict(f"a study named {spec.name!r} exists: pick another name or delete it first")
+    warm = _warm_start_configurations(backend, principal, spec)  # checked before anything is written
     try:
         study = optuna.create_study(storage=backend.storage, study_name=spec.name,
                                     directions=[o.direction for o in spec.objectives],
@@ -180,6 +181,8 @@ def create_study(backend: Backend, data: Any, principal: Principal = ANONYMOUS_A
             study.set_metric_names([o.metric for o in spec.objectives])
         study.set_user_attr("tunefleet_spec", data)
         baseline_id = _enqueue_baseline(study, spec)
+        for params, attrs in warm:
+            study.enqueue_trial(params, user_attrs=attrs)
         with backend.session() as session:
             session.add(StudyRow(id=study_storage_id(study), name=spec.name, spec=data, state="running",
                                  project_id=project, baseline_trial_id=baseline_id))
@@ -189,6 +192,38 @@ def create_study(backend: Backend, data: Any, principal: Principal = ANONYMOUS_A
     log.info("study %s (%s) created: %s sampler, %s pruner, rungs %s", study_storage_id(study), spec.name,
              spec.search.sampler, spec.search.pruner, spec.rungs())
     return get_study(backend, study_storage_id(study))
+
+
+def _warm_start_configurations(backend: Backend, principal: Principal, spec: StudySpec
+                               ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The best `warm_start.top_k` completed configurations of the earlier study the spec names, best first,
+    as (params, user attributes) to enqueue: each keeps the values the new search space accepts (the sampler
+    fills the rest). InvalidInput (422, `warm_start.study`) when there is no such study `principal` may read,
+    or it has several objectives."""
+    if spec.warm_start is None:
+        return []
+    name = spec.warm_start.study
+    with backend.session() as session:
+        row = session.scalar(sa.select(StudyRow).where(StudyRow.name == name))
+        if row is None or not principal.can_read(row.project_id):
+            msg = f"no study named {name!r} that this token may read: `tunefleet study ls` lists studies"
+            raise InvalidInput(f"invalid study spec: warm_start.study: {msg}",
+                               [{"loc": ["warm_start", "study"], "msg": msg, "type": "value_error"}])
+        earlier_id = row.id
+    earlier = backend.runtime(earlier_id)
+    if earlier.spec.multi_objective:
+        msg = f"study {name!r} has several objectives: warm starts take the best of one objective"
+        raise InvalidInput(f"invalid study spec: warm_start.study: {msg}",
+                           [{"loc": ["warm_start", "study"], "msg": msg, "type": "value_error"}])
+    maximize = earlier.spec.objectives[0].direction == "maximize"
+    complete = [t for t in earlier.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.value is not None]
+    complete.sort(key=lambda t: float(t.value or 0.0), reverse=maximize)
+    out = []
+    for t in complete[:spec.warm_start.top_k]:
+        params = {k: v for k, v in t.params.items() if not spec.param_problems({k: v}, ())}
+        out.append((params, {"warm_start_from": name, "warm_start_trial": t.number, "warm_start_value": t.value}))
+    return out
 
 
 def _enqueue_baseline(study: optuna.Study, spec: StudySpec) -> int | None:

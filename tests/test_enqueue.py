@@ -65,3 +65,33 @@ def test_study_create_enqueue_checks_the_file_before_creating_anything(server: L
         assert made.exit_code == 0, made.output
         waiting = client.list_trials(int(made.output.strip()), state="waiting")["items"]
     assert [t["params"].get("learning_rate") for t in waiting] == [5e-5, 3e-4, 1e-3]
+
+
+def test_a_warm_start_enqueues_the_earlier_studys_best_configurations_after_the_baseline(server: LiveServer) -> None:
+    with Client(server.url) as client:
+        earlier = client.create_study(study_spec("earlier", baseline=None, budget={"max_trials": 4},
+                                                 search={"sampler": "random", "pruner": "none", "seed": 3}))
+        finals = {}
+        for value in (0.1, 0.3, 0.5, 0.7):  # the later, the better
+            lease = client.lease("w", {}, "h")
+            client.complete(lease["trial_id"], value=value)
+            finals[value] = lease["params"]
+        assert client.get_study(earlier["id"])["state"] == "completed"
+        spec = study_spec("warm", warm_start={"study": "earlier", "top_k": 2})
+        spec["search_space"]["lora_r"] = {"type": "categorical", "choices": [4, 8]}  # 16 and 32 left out
+        warm = client.create_study(spec)
+        waiting = client.list_trials(warm["id"], state="waiting")["items"]
+    assert waiting[0]["is_baseline"] and len(waiting) == 3
+    for trial, value in zip(waiting[1:], (0.7, 0.5), strict=True):
+        best = finals[value]
+        assert trial["user_attrs"]["warm_start_from"] == "earlier" and trial["user_attrs"]["warm_start_value"] == value
+        assert trial["params"]["learning_rate"] == best["learning_rate"]
+        assert trial["params"].get("lora_r") == (best["lora_r"] if best["lora_r"] in (4, 8) else None)
+
+
+def test_a_warm_start_from_an_unknown_study_is_422_and_creates_nothing(server: LiveServer) -> None:
+    with Client(server.url) as client:
+        with pytest.raises(ApiError) as caught:
+            client.create_study(study_spec("cold", warm_start={"study": "nowhere"}))
+        assert caught.value.status_code == 422 and "warm_start.study" in caught.value.message
+        assert client.list_studies()["total"] == 0
