@@ -420,7 +420,10 @@ def maybe_complete(backend: Backend, runtime: StudyRuntime) -> None:
     resume; paused trials its policy will not resume end PRUNED.
 
     Opens its own session: call it after the caller's session committed (see the ordering rule in leases.py).
+    The study's trials are synced first: the last two trials may finish in two server processes at once, and
+    each must see the other's as finished, or neither completes the study.
     """
+    backend.storage.sync(runtime.id)
     with backend.session() as session:
         row = session.get(StudyRow, runtime.id)
         if row is None or row.state != "running":

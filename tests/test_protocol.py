@@ -325,7 +325,7 @@ def test_several_server_processes_share_one_study(pg_url: str, tmp_path: Path) -
     finally:
         server.stop()
     assert len(got) == 30 and len(set(got)) == 30
-    assert shown["state"] == "completed" and shown["trials_used"] == 30
+    assert shown["state"] == "completed" and shown["trials_used"] == 30, shown["counts"]
     assert sum(shown["counts"].get(s, 0) for s in ("complete", "pruned")) == 30
     # Optuna's rows and ours agree on every trial, whichever process took each call.
     engine = sa.create_engine(pg_url)
