@@ -160,9 +160,6 @@ def _from_queue(backend: Backend, runtime: StudyRuntime, body: LeaseIn, principa
         return None
     log.info("trial %s (study %s) leased to %s from the queue", record.trial_id, runtime.name, body.worker_id,
              extra=_ids(record))
-    # Another server process may have asked it: this process's copy can predate its parameters (its sync
-    # follows state changes, and the trial was RUNNING before and after its parameters were written).
-    backend.storage.reload_trial(record.trial_id)
     return _lease_out(backend, record, token)
 
 
@@ -280,7 +277,9 @@ def _resume_from(backend: Backend, runtime: StudyRuntime, body: LeaseIn, princip
 def _lease_out(backend: Backend, record: Lease, token: str) -> LeaseOut:
     runtime = backend.runtime(record.study_id)
     t = backend.storage.get_trial(record.trial_id)
-    if set(t.params) != set(runtime.distributions):  # a copy from before another process wrote its parameters
+    if set(t.params) != set(runtime.distributions):
+        # Another server process asked it (the lease queue): this process's copy can predate its parameters,
+        # since sync follows state changes and the trial was RUNNING before and after they were written.
         t = backend.storage.reload_trial(record.trial_id)
     spec = runtime.spec.model_dump(mode="json")
     storage = checkpoint_storage(spec, t.params) if policy_for(runtime.spec) else "none"

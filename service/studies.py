@@ -23,7 +23,14 @@ from tunefleet.service.errors import Conflict, Forbidden, InvalidInput, NotFound
 from tunefleet.service.scheduling import PausedTrial, policy_for
 from tunefleet.service.schemas import StudyOut, TrialOut, storable_problems
 from tunefleet.service.search import build_pruner, build_sampler, search_problems
-from tunefleet.service.spec import STUDY_FAILURES, CategoricalParam, SpecError, StudySpec, validate_spec
+from tunefleet.service.spec import (
+    PAUSING_PRUNERS,
+    STUDY_FAILURES,
+    CategoricalParam,
+    SpecError,
+    StudySpec,
+    validate_spec,
+)
 from tunefleet.service.storage import study_id_of_trial, study_storage_id, trial_storage_id
 from tunefleet.service.tables import Lease, Project, RungReport, utcnow
 from tunefleet.service.tables import Study as StudyRow
@@ -83,8 +90,10 @@ def usage(session: Session, runtime: StudyRuntime, trials: list[FrozenTrial] | N
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING and "retry_of" in t.user_attrs)
     # Device-hours are summed over leases (wall time a worker held each trial, pruned and failed ones too).
     hours = _lease_hours(session, runtime.id) if runtime.spec.budget.max_gpu_hours is not None else 0.0
-    paused = session.scalar(sa.select(sa.func.count()).select_from(Lease).where(
-        Lease.study_id == runtime.id, Lease.state == "paused")) or 0
+    paused = 0
+    if runtime.spec.search.pruner in PAUSING_PRUNERS:  # only pausing policies leave paused rows
+        paused = session.scalar(sa.select(sa.func.count()).select_from(Lease).where(
+            Lease.study_id == runtime.id, Lease.state == "paused")) or 0
     return Usage(used=used, running=n[TrialState.RUNNING], waiting=waiting, gpu_hours=hours, paused=paused)
 
 
