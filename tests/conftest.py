@@ -10,8 +10,9 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg2
@@ -99,6 +100,16 @@ def make_settings(db_url: str, home: Path, **overrides: object) -> Settings:
                                  "heartbeat_grace_seconds": 0.0, "reaper_interval_seconds": 0.5, "auth": False}
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def wait_until(what: str, condition: Callable[[], object], timeout: float = 60.0) -> object:
+    """Poll `condition` until it returns something truthy (returned); fail naming `what` after `timeout` s.
+    For background work (the reaper, queue filler) whose timing a loaded machine stretches."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return result
 
 
 def free_port() -> int:

@@ -7,27 +7,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pytest
 import sqlalchemy as sa
 from optuna.trial import TrialState
 
-from tests.conftest import LiveServer, free_port, make_settings, study_spec
+from tests.conftest import LiveServer, free_port, make_settings, study_spec, wait_until
 from tests.test_resilience import ServerProcess
 from tunefleet.service.client import Client
 from tunefleet.service.storage import BoundedHistorySampler, ServerStorage
-
-
-def _wait(what: str, condition: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return result
 
 
 def _queued(url: str, study_id: int) -> list[int]:
@@ -44,7 +34,7 @@ def test_a_lease_claims_the_oldest_queued_trial_and_the_queue_refills(server: Li
     with Client(server.url) as client:
         study = client.create_study(study_spec("queue", baseline=None, budget={"max_trials": 20}))
         first = client.lease("w1", {}, "h")  # the queue is empty: asked on the request
-        queued = _wait("a full queue", lambda: len(_queued(server.settings.database_url, study["id"])) == 4
+        queued = wait_until("a full queue", lambda: len(_queued(server.settings.database_url, study["id"])) == 4
                        and _queued(server.settings.database_url, study["id"]))
         shown = client.get_study(study["id"])
         assert shown["counts"]["queued"] == 4 and shown["counts"]["running"] == 1
@@ -105,7 +95,7 @@ def test_a_killed_servers_queue_is_served_by_another_and_never_reaped(pg_url: st
             leased = client.lease("w", {}, "h")
             assert leased is not None
             client.complete(leased["trial_id"], value=0.5)
-            queued = _wait("a full queue", lambda: len(q := _queued(pg_url, study["id"])) == 4 and q)
+            queued = wait_until("a full queue", lambda: len(q := _queued(pg_url, study["id"])) == 4 and q)
     finally:
         first.kill()  # SIGKILL: its queue stays in the database
     second = ServerProcess(pg_url, tmp_path / "second", free_port(), **env).start()
@@ -129,9 +119,9 @@ def test_a_stopped_study_fails_its_queued_trials(pg_url: str, tmp_path: Path) ->
     with LiveServer(settings) as live, Client(live.url) as client:
         study = client.create_study(study_spec("stopped", baseline=None, budget={"max_trials": 20}))
         held = client.lease("w", {}, "h")
-        queued = _wait("a full queue", lambda: len(q := _queued(pg_url, study["id"])) == 4 and q)
+        queued = wait_until("a full queue", lambda: len(q := _queued(pg_url, study["id"])) == 4 and q)
         client.stop_study(study["id"])
-        _wait("the queue drained", lambda: not _queued(pg_url, study["id"]))
+        wait_until("the queue drained", lambda: not _queued(pg_url, study["id"]))
         trials = {t["id"]: t for t in client.list_trials(study["id"])["items"]}
         assert client.lease("w2", {}, "h") is None
     assert held is not None and trials[held["trial_id"]]["state"] == "RUNNING"  # its worker hears "stop"

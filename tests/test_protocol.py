@@ -13,7 +13,7 @@ import optuna
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import LiveServer, free_port, make_settings, study_spec
+from tests.conftest import LiveServer, free_port, make_settings, study_spec, wait_until
 from tunefleet.service.client import Client
 from tunefleet.workers.loop import WorkerLoop
 from tunefleet.workers.simulated import SimulatedTrainer, run_simulated_workers
@@ -83,15 +83,15 @@ def test_expired_lease_fails_trial_and_requeues_same_params(pg_url: str, tmp_pat
         study = client.create_study(study_spec("expiry", baseline=None, search={"max_retries": 1}))
         first = client.lease("dead-worker", {}, "h")
         assert first is not None
-        time.sleep(2.5)  # no heartbeat: the reaper fails it and re-queues its parameters
-        failed = client.get_trial(first["trial_id"])
+        # no heartbeat: the reaper fails it (after the 1 s lease) and re-queues its parameters
+        failed = wait_until("the reaper", lambda: (t := client.get_trial(first["trial_id"]))["state"] == "FAIL" and t)
         assert failed["state"] == "FAIL" and "lease expired" in failed["fail_reason"]
         retry = client.lease("live-worker", {}, "h")
         assert retry["params"] == first["params"] and retry["attempt"] == 1
         assert client.get_trial(retry["trial_id"])["retry_of"] == first["trial_id"]
         assert client.heartbeat(first["trial_id"], "dead-worker")["stop"] is True
-        time.sleep(2.5)  # expires again: max_retries=1 is used up, nothing more is queued
-        assert client.get_trial(retry["trial_id"])["state"] == "FAIL"
+        # expires again: max_retries=1 is used up, nothing more is queued
+        wait_until("the reaper", lambda: client.get_trial(retry["trial_id"])["state"] == "FAIL")
         third = client.lease("w", {}, "h")
         assert third is None or third["params"] != first["params"] or third["attempt"] == 0
         assert client.get_study(study["id"])["counts"]["fail"] == 2
@@ -355,8 +355,8 @@ def test_a_trial_asked_but_never_leased_is_failed_and_requeued(pg_url: str, tmp_
                   "lora_r": orphan.suggest_categorical("lora_r", [4, 8, 16, 32]),
                   "method": orphan.suggest_categorical("method", ["lora", "full"])}
         rdb.engine.dispose()
-        time.sleep(2.5)
-        failed = client.get_trial(orphan._trial_id)
+        failed = wait_until("the orphan reaper",
+                            lambda: (t := client.get_trial(orphan._trial_id))["state"] == "FAIL" and t)
         assert failed["state"] == "FAIL" and "never leased" in failed["fail_reason"]
         retry = client.lease("w", {}, "h")
         assert retry["params"] == params and retry["attempt"] == 1
