@@ -408,10 +408,15 @@ def test_compose_services_bring_tunefleet_up_from_an_empty_database(empty_databa
         assert client.get_study(study["id"])["counts"].get("complete") == 2
 
 
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace")
+
+
 def test_the_slurm_task_runs_a_worker_and_hands_sigterm_to_it(pg_url: str, tmp_path: Path) -> None:
     """The script as one array task runs it (Slurm's variables set by hand; the worker simulated, as no GPU is
-    here): the worker asks for work under the task's id; SIGTERM to every process of the task, as Slurm sends
-    it, stops the worker cleanly and the task exits 0."""
+    here): the worker asks for work under the task's id; SIGUSR1 (the time limit is near) makes the shell ask
+    for a requeue and live on; SIGTERM to every process of the task, as Slurm sends it, stops the worker
+    cleanly and the task exits 0."""
     from tunefleet.service.auth import create_token
 
     settings = make_settings(pg_url, tmp_path, auth=True)
@@ -425,21 +430,28 @@ def test_the_slurm_task_runs_a_worker_and_hands_sigterm_to_it(pg_url: str, tmp_p
     engine = sa.create_engine(pg_url)
     with LiveServer(settings) as live:
         env["TUNEFLEET_SERVER"] = live.url
-        task = subprocess.Popen(["bash", str(SBATCH)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        log = (tmp_path / "out").open("w")
+        task = subprocess.Popen(["bash", str(SBATCH)], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
             with engine.connect() as conn:
                 wait_until("the task's worker to ask for work", lambda: conn.execute(
                     sa.text("SELECT id FROM tf_workers WHERE id = 'slurm-4242-3'")).scalar(), timeout=60)
+            task.send_signal(signal.SIGUSR1)  # --signal=B:USR1@120: the time limit is near (no scontrol here)
+            wait_until("the batch shell to take SIGUSR1", lambda: "requeue failed" in _read(tmp_path / "out"), 30)
+            assert task.poll() is None  # the shell lives on (USR1 would kill it untrapped)
             os.killpg(task.pid, signal.SIGTERM)
-            out, _ = task.communicate(timeout=60)
+            task.wait(timeout=60)
         finally:
             if task.poll() is None:
                 os.killpg(task.pid, signal.SIGKILL)
             engine.dispose()
+            log.close()
+    out = _read(tmp_path / "out")
     assert task.returncode == 0, out
     assert "slurm-4242-3" in out and "CUDA_VISIBLE_DEVICES=0" in out
     assert out.count("SIGTERM received") == 1 and "worker slurm-4242-3 done" in out
+    assert "the time limit is near: requeueing 4242_3" in out
     with pytest.raises(ProcessLookupError):
         os.killpg(task.pid, 0)  # the worker went with the shell: nothing of the task is left running
 
