@@ -329,10 +329,15 @@ def test_every_container_takes_the_database_url_from_a_secret_and_runs_real_comm
 
 
 def _shell_scripts() -> list[Path]:
+    """Every tracked file whose first line runs sh or bash, and the two this project must keep."""
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     files = [ROOT / name for name in tracked] or [p for p in ROOT.rglob("*") if ".git" not in p.parts]
-    scripts = {p for p in files if p.is_file() and p.read_bytes()[:64].startswith(b"#!") and
-               re.match(rb"#!.*\b(ba)?sh\b", p.read_bytes().split(b"\n", 1)[0])}
+
+    def first_line(path: Path) -> bytes:
+        with path.open("rb") as file:
+            return file.readline(200)
+
+    scripts = {p for p in files if p.is_file() and re.match(rb"#!.*\b(ba)?sh\b", first_line(p))}
     return sorted(scripts | {SBATCH, ROOT / ".ci" / "run"})
 
 
