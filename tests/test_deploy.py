@@ -38,7 +38,8 @@ DOCKERFILES = {"server": ROOT / "Dockerfile", "worker-cpu": ROOT / "Dockerfile",
                "worker-cuda": ROOT / "docker" / "Dockerfile.worker-cuda"}
 # The oldest Kubernetes still commonly run and the newest kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")
-STATE = "/var/lib/tunefleet"  # where the images keep what volumes hold (Dockerfile)
+STATE = "/var/lib/tunefleet"  # where the images keep what volumes hold (Dockerfile), with /artifacts
+OWNED = (STATE, "/artifacts")
 UID = 10001
 
 # -- docker-compose.yml ------------------------------------------------------------------------------------
@@ -201,11 +202,11 @@ def _dockerfile_stage(stage: str) -> str:
 
 
 def _recipe_state_dirs() -> set[str]:
-    """Folders under /var/lib/tunefleet that compose and Kubernetes mount volumes on."""
+    """Folders under /var/lib/tunefleet, and /artifacts, that compose and Kubernetes mount volumes on."""
     mounts = {target for service in _compose()["services"].values() for target in _mounts(service)}
     mounts |= {mount["mountPath"] for doc in _manifests() for container in _containers(doc)
                for mount in container.get("volumeMounts", [])}
-    return {m for m in mounts if m.startswith(STATE)}
+    return {m for m in mounts if m.startswith(OWNED)}
 
 
 @pytest.mark.parametrize("stage", sorted(DOCKERFILES))
@@ -215,9 +216,9 @@ def test_images_match_the_recipes(stage: str) -> None:
     text = _dockerfile_stage(stage)
     assert f"useradd --uid {UID} " in text and "USER tunefleet" in text
     mkdir = " ".join(re.findall(r"mkdir -p ((?:[^&\n\\]|\\\n)*)", text))
-    created = set(re.findall(rf"{STATE}/\w+", mkdir))
+    created = set(mkdir.split()) - {"\\"}
     assert _recipe_state_dirs() <= created, _recipe_state_dirs() - created
-    assert f"chown -R tunefleet:tunefleet {STATE}" in text
+    assert f"chown -R tunefleet:tunefleet {' '.join(OWNED)}" in text
     assert f"HF_HOME={STATE}/cache/" in text and f"TUNEFLEET_HOME={STATE}" in text
     entrypoint = json.loads(re.findall(r"^ENTRYPOINT (.*)$", text, re.M)[-1])
     assert entrypoint == (["tunefleet", "worker"] if stage.startswith("worker") else ["tunefleet"])
@@ -378,12 +379,14 @@ def empty_database() -> Iterator[str]:
 
 
 def _remap(value: Any, root: Path) -> Any:
-    """A compose value with the container's folders moved under `root` (the data folder /data too)."""
+    """A compose value with the container's folders moved under `root` (/data and /artifacts too)."""
     if isinstance(value, list):
         return [_remap(item, root) for item in value]
     if isinstance(value, dict):
         return {key: _remap(item, root) for key, item in value.items()}
-    return str(value).replace(STATE, str(root / "state")).replace("/data", str(root / "data"))
+    for folder in (STATE, "/data", "/artifacts"):
+        value = str(value).replace(folder, str(root / folder.rsplit("/", 1)[1]))
+    return value
 
 
 def _tunefleet(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
