@@ -227,7 +227,7 @@ def _warm_start_configurations(backend: Backend, principal: Principal, spec: Stu
                            [{"loc": ["warm_start", "study"], "msg": msg, "type": "value_error"}])
     maximize = earlier.spec.objectives[0].direction == "maximize"
     complete = [t for t in earlier.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None]
+                if t.value is not None and feasible(t)]  # as for its best trial: constraints met
     complete.sort(key=lambda t: float(t.value or 0.0), reverse=maximize)
     out = []
     for t in complete[:spec.warm_start.top_k]:
