@@ -10,8 +10,10 @@ import random
 import httpx
 import optuna
 import pytest
+from typer.testing import CliRunner
 
 from tests.conftest import LiveServer, study_spec
+from tunefleet.cli import app
 from tunefleet.service.backend import StudyRuntime
 from tunefleet.service.client import Client
 from tunefleet.service.spec import validate_spec
@@ -106,6 +108,12 @@ def test_the_front_of_a_constrained_multi_objective_study_is_optunas(server: Liv
     assert [e["number"] for e in report["pareto_front"]] == front
     accuracy = [t["values"][0] for t in shown["best_trials"]]
     assert accuracy == sorted(accuracy, reverse=True), "best first by the first objective"
+    rendered = CliRunner().invoke(app, ["--server", server.url, "study", "report", str(study["id"])],
+                                  env={"COLUMNS": "200"})
+    assert rendered.exit_code == 0 and "pareto_front" in rendered.output and "objectives" in rendered.output
+    baseline = CliRunner().invoke(app, ["--server", server.url, "trial", "show", str(shown["baseline_trial_id"])],
+                                  env={"COLUMNS": "200"})
+    assert baseline.exit_code == 0 and "feasible" in baseline.output and "samples_per_second:min" in baseline.output
 
 
 @pytest.mark.parametrize("directions", [["maximize", "minimize"], ["minimize", "minimize", "maximize"]])
