@@ -355,7 +355,7 @@ def report(backend: Backend, trial_id: int, token: str | None, body: ReportIn) -
         if record.state != "active":
             raise LeaseLost(f"trial {trial_id} is {record.state}; its reports are closed: lease a new trial")
         action: ReportAction = "continue"
-        if not runtime.spec.multi_objective:
+        if runtime.spec.rung_values:  # else the report is kept (tf_reports) for the record only
             if backend.reports_handled.get(trial_id, 0) != len(answers):
                 # An earlier report went to another server process: our copy of the trial lags behind.
                 backend.storage.reload_trial(trial_id)

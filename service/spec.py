@@ -355,6 +355,12 @@ class StudySpec(_Strict):
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
 
+    @property
+    def rung_values(self) -> bool:
+        """Whether rung reports are the objective's intermediate values (Optuna's `Trial.report`): only for one
+        objective that evaluations measure; a cost is known at the end only."""
+        return not self.multi_objective and self.objectives[0].metric not in COST_METRICS
+
     def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Cross-field problems pydantic's per-field checks cannot see, each as (field path, message)."""
         problems: list[tuple[tuple[str | int, ...], str]] = []
@@ -383,7 +389,7 @@ class StudySpec(_Strict):
                              f"objectives use one of {', '.join(MULTI_OBJECTIVE_SAMPLERS)}"))
         if self.multi_objective and self.search.pruner != "none":
             problems.append((("search", "pruner"), "pruning needs a single objective: set search.pruner: none"))
-        elif self.objectives[0].metric in COST_METRICS and self.search.pruner != "none":
+        elif not self.rung_values and self.search.pruner != "none":
             problems.append((("search", "pruner"), f"pruning compares rung scores, and {self.objectives[0].metric} "
                              "is only known at the end of a trial: set search.pruner: none"))
         if self.search.sampler == "grid":

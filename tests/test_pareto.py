@@ -6,6 +6,7 @@ never best nor on the front (simulated worker processes over HTTP), and the fron
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import httpx
 import optuna
@@ -18,7 +19,8 @@ from tunefleet.service.backend import StudyRuntime
 from tunefleet.service.client import Client
 from tunefleet.service.spec import validate_spec
 from tunefleet.service.studies import best_trials
-from tunefleet.workers.simulated import run_simulated_workers
+from tunefleet.workers.loop import WorkerLoop
+from tunefleet.workers.simulated import SimulatedTrainer, run_simulated_workers
 
 SPACE = {"learning_rate": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
          "lora_r": {"type": "categorical", "choices": [4, 8, 16, 32]},
@@ -114,6 +116,24 @@ def test_the_front_of_a_constrained_multi_objective_study_is_optunas(server: Liv
     baseline = CliRunner().invoke(app, ["--server", server.url, "trial", "show", str(shown["baseline_trial_id"])],
                                   env={"COLUMNS": "200"})
     assert baseline.exit_code == 0 and "feasible" in baseline.output and "samples_per_second:min" in baseline.output
+
+
+def test_one_cost_objective_is_the_measured_cost_and_rungs_stay_out_of_optuna(server: LiveServer,
+                                                                               tmp_path: Path) -> None:
+    spec = study_spec("least-memory", objective={"metric": "peak_memory_mb", "direction": "minimize"},
+                      search_space=SPACE, baseline=FULL_BEST, budget={"max_trials": 4},
+                      search={"sampler": "random", "pruner": "none", "seed": 2})
+    with Client(server.url) as client:
+        study = client.create_study(spec)
+        loop = WorkerLoop(client, SimulatedTrainer(), worker_id="w", device="cpu", once=True, idle_sleep=0.1,
+                          workdir=tmp_path / "w")
+        assert loop.run() == 4
+        trials = client.list_trials(study["id"])["items"]
+        best = client.get_study(study["id"])["best_trial"]
+    for t in trials:
+        assert t["value"] == t["extra"]["peak_memory_mb"] and t["intermediate_values"] == {}
+        assert set(t["rung_metrics"]) == {"20", "60", "100"}, "the rung reports are kept for the record"
+    assert best["value"] == min(t["value"] for t in trials)
 
 
 @pytest.mark.parametrize("directions", [["maximize", "minimize"], ["minimize", "minimize", "maximize"]])
