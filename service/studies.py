@@ -637,7 +637,11 @@ def study_report(backend: Backend, study_id: int) -> dict[str, Any]:
 
 
 def _front_entry(t: FrozenTrial, runtime: StudyRuntime) -> dict[str, Any]:
-    """A Pareto-optimal trial as the report lists it: its objective values by metric, params and test metrics."""
+    """A Pareto-optimal trial as the report lists it: its objective values by metric, params and test metrics
+    (without per-example scores, as the report's trial summaries)."""
+    from tunefleet.service.fidelity import PER_EXAMPLE_KEY
+
+    test = {k: v for k, v in (t.user_attrs.get("test_metrics") or {}).items() if k != PER_EXAMPLE_KEY}
     return {"number": t.number, "trial_id": trial_storage_id(t), "params": dict(t.params),
             "values": {o.metric: v for o, v in zip(runtime.spec.objectives, t.values or [], strict=False)},
-            "test_metrics": t.user_attrs.get("test_metrics", {}), "is_baseline": bool(t.user_attrs.get("is_baseline"))}
+            "test_metrics": test, "is_baseline": bool(t.user_attrs.get("is_baseline"))}
