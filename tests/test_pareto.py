@@ -1,6 +1,6 @@
 """Cost objectives, constraints and the Pareto front on PostgreSQL: what a spec may name (every bad one a 422),
 constraints computed from what trials report and set where Optuna's samplers read them, infeasible trials
-never best nor on the front (simulated worker processes over HTTP), and the front equal to Optuna's own
+never best nor on the front (the simulated worker over HTTP), and the front equal to Optuna's own
 `study.best_trials`."""
 
 from __future__ import annotations
@@ -20,13 +20,20 @@ from tunefleet.service.client import Client
 from tunefleet.service.spec import validate_spec
 from tunefleet.service.studies import best_trials
 from tunefleet.workers.loop import WorkerLoop
-from tunefleet.workers.simulated import SimulatedTrainer, run_simulated_workers
+from tunefleet.workers.simulated import SimulatedTrainer
 
 SPACE = {"learning_rate": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
          "lora_r": {"type": "categorical", "choices": [4, 8, 16, 32]},
          "method": {"type": "categorical", "choices": ["lora", "full"]}}
 # Full fine-tuning at its best rate: the highest simulated score, and 1,500 MB of peak memory.
 FULL_BEST = {"learning_rate": 3e-5, "lora_r": 8, "method": "full"}
+
+
+def _simulated_worker(client: Client, tmp_path: Path) -> WorkerLoop:
+    """The pull loop over HTTP with the simulated trainer, which reports method-dependent costs
+    (`simulated_costs`: full fine-tuning 1,500 MB and 20.8 samples/s, LoRA 400 MB + 8 MB × rank and 27.6)."""
+    return WorkerLoop(client, SimulatedTrainer(), worker_id="sim", device="cpu", once=True, idle_sleep=0.1,
+                      workdir=tmp_path / "sim")
 
 
 def _errors(http: httpx.Client, spec: dict) -> list[tuple[list, str]]:
@@ -67,13 +74,14 @@ def test_a_completion_without_a_constraint_metric_is_a_422_naming_it(server: Liv
     assert done["constraints"] == {"peak_memory_mb:max": 200.0} and done["feasible"] is False
 
 
-def test_an_infeasible_trial_is_never_best_and_samplers_see_its_constraints(server: LiveServer) -> None:
+def test_an_infeasible_trial_is_never_best_and_samplers_see_its_constraints(server: LiveServer,
+                                                                           tmp_path: Path) -> None:
     spec = study_spec("memory-capped", baseline=FULL_BEST, search_space=SPACE, budget={"max_trials": 8},
                       search={"sampler": "tpe", "pruner": "none", "seed": 0, "n_startup_trials": 4},
                       constraints=[{"metric": "peak_memory_mb", "max": 1000}])
     with Client(server.url) as client:
         study = client.create_study(spec)
-        assert run_simulated_workers(server.url, None, 2, timeout=90) == [0, 0]
+        assert _simulated_worker(client, tmp_path).run() == 8
         shown = client.get_study(study["id"])
         trials = client.list_trials(study["id"])["items"]
         report = client.study_report(study["id"])
@@ -92,7 +100,7 @@ def test_an_infeasible_trial_is_never_best_and_samplers_see_its_constraints(serv
         "stored where TPE, GP and NSGA-II read constraints"
 
 
-def test_the_front_of_a_constrained_multi_objective_study_is_optunas(server: LiveServer) -> None:
+def test_the_front_of_a_constrained_multi_objective_study_is_optunas(server: LiveServer, tmp_path: Path) -> None:
     objectives = [{"metric": "accuracy", "direction": "maximize"},
                   {"metric": "peak_memory_mb", "direction": "minimize"}]
     spec = study_spec("fast-enough", objective=objectives, baseline=FULL_BEST, search_space=SPACE,
@@ -100,7 +108,7 @@ def test_the_front_of_a_constrained_multi_objective_study_is_optunas(server: Liv
                       constraints=[{"metric": "samples_per_second", "min": 25}])
     with Client(server.url) as client:
         study = client.create_study(spec)
-        assert run_simulated_workers(server.url, None, 2, timeout=90) == [0, 0]
+        assert _simulated_worker(client, tmp_path).run() == 8
         shown = client.get_study(study["id"])
         report = client.study_report(study["id"])
     front = [t["number"] for t in shown["best_trials"]]
@@ -125,9 +133,7 @@ def test_one_cost_objective_is_the_measured_cost_and_rungs_stay_out_of_optuna(se
                       search={"sampler": "random", "pruner": "none", "seed": 2})
     with Client(server.url) as client:
         study = client.create_study(spec)
-        loop = WorkerLoop(client, SimulatedTrainer(), worker_id="w", device="cpu", once=True, idle_sleep=0.1,
-                          workdir=tmp_path / "w")
-        assert loop.run() == 4
+        assert _simulated_worker(client, tmp_path).run() == 4
         trials = client.list_trials(study["id"])["items"]
         best = client.get_study(study["id"])["best_trial"]
     for t in trials:
