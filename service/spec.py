@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "COST_METRICS",
     "MULTI_OBJECTIVE_SAMPLERS",
     "PAUSING_PRUNERS",
     "TASK_METRICS",
@@ -25,6 +26,7 @@ __all__ = [
     "CategoricalParam",
     "CheckpointSpec",
     "CheckpointStorage",
+    "ConstraintSpec",
     "FailureKind",
     "DataSpec",
     "FloatParam",
@@ -41,6 +43,7 @@ __all__ = [
     "TaskName",
     "WarmStartSpec",
     "checkpoint_storage",
+    "constraint_violations",
     "objectives_of",
     "validate_spec",
     "parse_spec_text",
@@ -74,6 +77,12 @@ TASK_METRICS: dict[TaskName, tuple[str, ...]] = {
     "token-classification": ("entity_f1", "entity_precision", "entity_recall", "token_accuracy", "loss"),
     "causal-lm": ("exact_match", "attribute_f1", "attribute_precision", "attribute_recall", "loss"),
 }
+
+# What a trial costs, measured by the worker itself for every task (reported in the trial's `extra`): wall
+# seconds of training, device-hours (seconds × devices / 3600; 0 on CPU), peak memory in MiB (CUDA's peak
+# allocation, or the process's peak resident set on CPU) and training samples per second. Objectives and
+# constraints may name them besides the task's metrics; cost metrics are usually minimized.
+COST_METRICS: tuple[str, ...] = ("train_seconds", "gpu_hours", "peak_memory_mb", "samples_per_second")
 
 # Training parameters a worker understands, searchable or fixed: the kind of value each takes ("str"
 # parameters are categorical-only) and the value a worker uses when a study neither fixes nor searches it.
@@ -185,6 +194,35 @@ def _listed(objective: ObjectiveSpec | list[ObjectiveSpec]) -> list[ObjectiveSpe
     return objective if isinstance(objective, list) else [objective]
 
 
+class ConstraintSpec(_Strict):
+    """A bound on a metric a trial reports: a completed trial outside it is infeasible (never best, never on
+    the Pareto front), and samplers that support constraints steer away from it."""
+
+    metric: str = Field(min_length=1, max_length=200)
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ConstraintSpec:
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both: e.g. {metric: peak_memory_mb, max: 8000}")
+        if any(b is not None and not math.isfinite(b) for b in (self.min, self.max)):
+            raise ValueError("min and max must be finite numbers")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min={self.min} is above max={self.max}: make min <= max")
+        return self
+
+    def violations(self, value: float) -> dict[str, float]:
+        """Optuna's constraint values for `value`, one per bound, named `<metric>:min` / `<metric>:max`:
+        how far it lies outside the bound (> 0: violated, <= 0: satisfied)."""
+        out: dict[str, float] = {}
+        if self.min is not None:
+            out[f"{self.metric}:min"] = self.min - value
+        if self.max is not None:
+            out[f"{self.metric}:max"] = value - self.max
+        return out
+
+
 class _ObjectiveOnly(BaseModel):
     """A spec read for its objective alone; other keys are ignored (StudySpec checks them)."""
 
@@ -294,6 +332,9 @@ class StudySpec(_Strict):
     task: TaskName
     data: DataSpec
     objective: Objectives
+    constraints: list[ConstraintSpec] = Field(
+        default_factory=list, description="bounds on reported metrics (task or cost metrics); a completed trial "
+        "outside one is infeasible: never the best trial nor on the Pareto front")
     search_space: dict[str, Param] = Field(min_length=1)
     fixed: dict[str, Any] = Field(default_factory=dict)
     baseline: dict[str, Any] | None = Field(
@@ -314,6 +355,12 @@ class StudySpec(_Strict):
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
 
+    @property
+    def rung_values(self) -> bool:
+        """Whether rung reports are the objective's intermediate values (Optuna's `Trial.report`): only for one
+        objective that evaluations measure; a cost is known at the end only."""
+        return not self.multi_objective and self.objectives[0].metric not in COST_METRICS
+
     def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Cross-field problems pydantic's per-field checks cannot see, each as (field path, message)."""
         problems: list[tuple[tuple[str | int, ...], str]] = []
@@ -331,13 +378,7 @@ class StudySpec(_Strict):
             msg = _param_name_problem(name)
             if msg:
                 problems.append((("fixed", name), msg))
-        metrics = TASK_METRICS[self.task]
-        for i, objective in enumerate(self.objectives):
-            if objective.metric not in metrics:
-                loc: tuple[str | int, ...] = ("objective", i, "metric") if self.multi_objective else (
-                    "objective", "metric")
-                problems.append((loc, f"metric {objective.metric!r} is not produced by task {self.task}; "
-                                 f"use one of {', '.join(metrics)}"))
+        problems.extend(self._metric_problems())
         names = [o.metric for o in self.objectives]
         if len(set(names)) != len(names):
             problems.append((("objective",), "the same metric is listed twice; list each once"))
@@ -348,6 +389,9 @@ class StudySpec(_Strict):
                              f"objectives use one of {', '.join(MULTI_OBJECTIVE_SAMPLERS)}"))
         if self.multi_objective and self.search.pruner != "none":
             problems.append((("search", "pruner"), "pruning needs a single objective: set search.pruner: none"))
+        elif not self.rung_values and self.search.pruner != "none":
+            problems.append((("search", "pruner"), f"pruning compares rung scores, and {self.objectives[0].metric} "
+                             "is only known at the end of a trial: set search.pruner: none"))
         if self.search.sampler == "grid":
             for name, p in self.search_space.items():
                 if isinstance(p, FloatParam) and p.step is None:
@@ -355,6 +399,21 @@ class StudySpec(_Strict):
                                      "search.sampler grid needs a finite grid: give this float parameter a step"))
         if self.baseline is not None:
             problems.extend(self._baseline_problems())
+        return problems
+
+    def _metric_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Objectives and constraints that name a metric no trial of this task reports."""
+        metrics = (*TASK_METRICS[self.task], *COST_METRICS)
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        named: list[tuple[tuple[str | int, ...], str]] = [
+            (("objective", i, "metric") if self.multi_objective else ("objective", "metric"), o.metric)
+            for i, o in enumerate(self.objectives)]
+        named += [(("constraints", i, "metric"), c.metric) for i, c in enumerate(self.constraints)]
+        for loc, metric in named:
+            if metric not in metrics:
+                problems.append((loc, f"metric {metric!r} is not produced by task {self.task}; use one of its "
+                                 f"metrics ({', '.join(TASK_METRICS[self.task])}) or a cost metric "
+                                 f"({', '.join(COST_METRICS)})"))
         return problems
 
     def param_problems(self, params: Mapping[str, Any], where: tuple[str | int, ...]
@@ -445,6 +504,18 @@ def objectives_of(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
     except ValidationError as exc:
         raise SpecError([_pydantic_error(e) for e in exc.errors()]) from None
     return [(o.metric, o.direction) for o in _listed(objective)]
+
+
+def constraint_violations(spec: StudySpec, reported: Mapping[str, Any]) -> dict[str, float]:
+    """Optuna's constraint values of a completed trial (`ConstraintSpec.violations` of each constraint) from the
+    metrics it reported; raises KeyError naming a constraint metric that is missing or not a finite number."""
+    out: dict[str, float] = {}
+    for constraint in spec.constraints:
+        value = reported.get(constraint.metric)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise KeyError(constraint.metric)
+        out.update(constraint.violations(float(value)))
+    return out
 
 
 _FIXES = {

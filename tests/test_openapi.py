@@ -139,6 +139,16 @@ def test_the_body_of_post_studies_is_the_study_spec_schema() -> None:
     assert action["schema"]["enum"] == ["pause", "resume", "stop"]
 
 
+def test_the_study_answer_documents_the_pareto_front_and_feasibility() -> None:
+    schemas = _offline_app().openapi()["components"]["schemas"]
+    assert schemas["StudyOut"]["properties"]["best_trials"]["items"] == {"$ref": "#/components/schemas/TrialOut"}
+    trial = schemas["TrialOut"]["properties"]
+    assert trial["constraints"]["additionalProperties"] == {"type": "number"}
+    assert {"type": "boolean"} in trial["feasible"]["anyOf"]
+    constraint = schemas["ConstraintSpec"]["properties"]
+    assert set(constraint) == {"metric", "min", "max"}
+
+
 # ---- the answers ----------------------------------------------------------------------------------------------
 
 def _message(response: httpx.Response, status: int) -> str:
