@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.orm import Session
 
 from tunefleet.service.artifacts import delete_checkpoints
+from tunefleet.service.assets import pin_inputs
 from tunefleet.service.auth import ANONYMOUS_ADMIN, Principal, project_id
 from tunefleet.service.backend import Backend, StudyRuntime
 from tunefleet.service.errors import Conflict, Forbidden, InvalidInput, NotFound
@@ -172,6 +173,7 @@ def create_study(backend: Backend, data: Any, principal: Principal = ANONYMOUS_A
     if problems:
         errors = [{"loc": list(loc), "msg": msg, "type": "value_error"} for loc, msg in problems]
         raise InvalidInput(f"invalid study spec: {problems[0][1]}", errors)
+    data = pin_inputs(backend, data)  # uploaded data sets and models: the version they name now
     with backend.session() as session:
         project = _writable_project(session, principal, spec.project)
         if session.scalar(sa.select(StudyRow.id).where(StudyRow.name == spec.name)) is not None:
@@ -420,7 +422,7 @@ def delete_study(backend: Backend, study_id: int) -> None:
     backend.forget(study_id)
     with contextlib.suppress(KeyError):  # already gone from Optuna's tables
         optuna.delete_study(study_name=name, storage=backend.storage)
-    backend.artifacts.delete_study(study_id)
+    backend.store.delete_prefix(f"{study_id}/")
     log.info("study %s (%s) deleted", study_id, name)
 
 
