@@ -435,7 +435,7 @@ class Client:
             tar_path = Path(tmp) / "upload.tar"
             pack_files(source, tar_path)
             return self._json("POST", f"/{kind}/{quote(name, safe='')}", content=tar_path,
-                              headers={"Content-Type": "application/x-tar"})
+                              headers={"Content-Type": "application/octet-stream"})
 
     def list_assets(self, kind: str, name: str | None = None) -> list[dict[str, Any]]:
         """GET /{kind} (every version of every one) or /{kind}/{name} (its versions), newest first."""

@@ -135,7 +135,7 @@ def _file(name: str) -> tarfile.TarInfo:
 ])
 def test_bad_uploads_are_4xx_naming_the_fix(s3_server, s3_endpoint, path, body, status, loc, hint) -> None:
     with httpx.Client(base_url=s3_server.url + "/api/v1", timeout=30) as http:
-        answer = http.post(path, content=body, headers={"Content-Type": "application/x-tar"})
+        answer = http.post(path, content=body, headers={"Content-Type": "application/octet-stream"})
     assert answer.status_code == status, answer.text
     detail = answer.json()["detail"]
     if loc is not None:

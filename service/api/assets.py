@@ -20,7 +20,8 @@ from tunefleet.service.schemas import AssetOut
 
 __all__ = ["routers"]
 
-_TAR = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
+# A tar, sent and answered as plain bytes (the server reads the tar itself, whatever the Content-Type).
+_TAR = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 _UPLOAD_BODY = {"requestBody": {
     "required": True, "content": _TAR,
     "description": "a tar of the files (`tunefleet data upload` / `model upload` pack one)"}}
@@ -56,7 +57,7 @@ def _router(kind: str) -> APIRouter:
         finally:
             tmp.unlink(missing_ok=True)
 
-    @router.get("", response_model=list[AssetOut], responses=errors(422), summary=f"List {what}s")
+    @router.get("", response_model=list[AssetOut], responses=errors(), summary=f"List {what}s")
     def list_all(backend: BackendDep, _: Reader) -> list[AssetOut]:
         """Every version of every one, by name, newest first."""
         return assets.list_assets(backend, kind)

@@ -28,7 +28,7 @@ def test_a_worker_elsewhere_trains_uploads_and_its_checkpoints_and_adapter_land_
     worker_side.mkdir()
     data = client_side / "data"
     data.mkdir(parents=True)
-    for i, (split, n) in enumerate((("train", 160), ("validation", 48), ("test", 48))):
+    for i, (split, n) in enumerate((("train", 128), ("validation", 32), ("test", 32))):
         write_jsonl(data / f"{split}.jsonl", classification_rows(n, seed=i))
     model = shutil.copytree(tiny_bert, client_side / "tiny-bert")
     settings = make_settings(pg_url, tmp_path / "server", store_url=f"s3://{S3_BUCKET}/tf",
@@ -46,7 +46,8 @@ def test_a_worker_elsewhere_trains_uploads_and_its_checkpoints_and_adapter_land_
             "search_space": {"learning_rate": {"type": "categorical", "choices": [3e-3]}},
             "fixed": {"per_device_batch_size": 16, "max_seq_length": 48, "eval_batch_size": 64, "method": "lora",
                       "max_steps": 20, "warmup_ratio": 0.1},
-            "search": {"sampler": "grid", "pruner": "asha", "min_resource": 0.2, "reduction_factor": 3, "seed": 0},
+            # One rung before the end: the only trial pauses there (no peer yet), then resumes from S3.
+            "search": {"sampler": "grid", "pruner": "asha", "rungs": [50, 100], "seed": 0},
             "budget": {"max_trials": 1}, "checkpoints": {"storage": "upload", "keep": "all"}, "seed": 0,
         })
         assert study["spec"]["model"] == f"tunefleet://tiny-bert@{uploaded['version']}"
@@ -60,7 +61,7 @@ def test_a_worker_elsewhere_trains_uploads_and_its_checkpoints_and_adapter_land_
         splits = json.loads(client.download_artifact(trial["id"], "data_splits.json"))
         shown = client.get_study(study["id"])
     assert trial["state"] == "COMPLETE" and trial["resumes"] >= 1, trial
-    assert "checkpoints/step-020.tar" in artifacts and "adapter_model.safetensors" in artifacts
+    assert "checkpoints/step-050.tar" in artifacts and "adapter_model.safetensors" in artifacts
     keys = s3_keys(s3_endpoint, f"tf/{study['id']}/{trial['id']}/")
     assert {k.removeprefix(f"tf/{study['id']}/{trial['id']}/") for k in keys} == artifacts, "every artifact is in S3"
     assert not (settings.home / "artifacts").exists(), "nothing on the server's disk"

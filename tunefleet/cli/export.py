@@ -50,7 +50,7 @@ def download_artifacts(client: Client, trial_id: int, dest: Path) -> list[str]:
         if not target.is_relative_to(root):
             raise CliError(f"refusing artifact name {artifact['name']!r}: it points outside {dest}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(client.download_artifact(trial_id, artifact["name"]))
+        client.download_artifact_to(trial_id, artifact["name"], target)  # streamed: a full model may be GBs
         names.append(artifact["name"])
     return names
 
