@@ -130,7 +130,7 @@ def pin_inputs(backend: Backend, spec: Mapping[str, Any]) -> dict[str, Any]:
     """`spec` with every `tunefleet://NAME` reference pinned to the version it names now
     (`tunefleet://NAME@VERSION`), so a later upload under the same name does not change a running study;
     InvalidInput (422) naming each reference to nothing, or to a file the upload does not hold."""
-    pinned: dict[str, Any] = {**spec, "data": dict(spec.get("data") or {})}
+    pinned: dict[str, Any] = {**spec, "data": dict(spec["data"])}
     errors: list[dict[str, Any]] = []
     for loc, kind, value in input_fields(spec):
         try:
@@ -141,14 +141,14 @@ def pin_inputs(backend: Backend, spec: Mapping[str, Any]) -> dict[str, Any]:
         except (ValueError, NotFound, InvalidInput) as exc:
             errors.append({"loc": list(loc), "msg": getattr(exc, "message", str(exc)), "type": "value_error"})
             continue
-        if loc == ("model",) or loc == ("tokenizer",):
+        if len(loc) == 1:  # model, tokenizer
             pinned[loc[0]] = uri
         else:
             pinned["data"][loc[1]] = uri
     if errors:
         first = errors[0]
         raise InvalidInput(f"invalid study spec: {'.'.join(first['loc'])}: {first['msg']}", errors)
-    return pinned if spec.get("data") is not None else {k: v for k, v in pinned.items() if k != "data"}
+    return pinned
 
 
 def _pin(backend: Backend, kind: str, ref: Ref) -> str:

@@ -13,6 +13,7 @@ server's API, so they need no object-storage credentials.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -21,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+from tunefleet.service.errors import StoreUnavailable
 
 if TYPE_CHECKING:
     from tunefleet.service.config import Settings
@@ -32,7 +35,7 @@ CHUNK_BYTES = 1 << 20
 
 class Store(ABC):
     """Objects under keys. `put` replaces an object of the same key; the others never raise for a missing
-    key except `chunks` (FileNotFoundError)."""
+    key except `chunks` (FileNotFoundError). A store that fails otherwise raises StoreUnavailable (503)."""
 
     def __init__(self, spool: Path):
         self.spool = spool
@@ -62,7 +65,7 @@ class Store(ABC):
 
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None:
-        """Delete every object whose key starts with `prefix` (a folder: end it with `/`)."""
+        """Delete every object under the folder `prefix` (which ends with `/`)."""
 
     @abstractmethod
     def describe(self) -> str:
@@ -96,12 +99,7 @@ class LocalStore(Store):
         self.path(key).unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> None:
-        target = self.path(prefix)
-        if prefix.endswith("/"):
-            shutil.rmtree(target, ignore_errors=True)
-        else:
-            for path in target.parent.glob(target.name + "*"):
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        shutil.rmtree(self.path(prefix), ignore_errors=True)
 
     def describe(self) -> str:
         return str(self.root)
@@ -121,51 +119,69 @@ class S3Store(Store):
 
     def __init__(self, url: str, *, endpoint_url: str | None, region: str | None, spool: Path):
         import boto3
+        from botocore.config import Config
 
         super().__init__(spool)
         parsed = urlparse(url)
         self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
         self.url = url
-        self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+        # A few quick retries: a request waits on the store, and an unreachable one should be a 503 in seconds.
+        config = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5, read_timeout=60)
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def put(self, key: str, source: Path) -> None:
-        self.client.upload_file(str(source), self.bucket, self._key(key))
-        source.unlink(missing_ok=True)
-
-    def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
-        return True
-
-    def chunks(self, key: str) -> Iterator[bytes]:
-        from botocore.exceptions import ClientError
+    @contextlib.contextmanager
+    def _answering(self, key: str) -> Iterator[None]:
+        """FileNotFoundError for a missing object; StoreUnavailable (503) for every other failure of the store
+        (unreachable, no bucket, credentials refused), naming the settings to check."""
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            yield
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 raise FileNotFoundError(f"{self.url}/{key}") from None
-            raise
+            raise self._unavailable(exc) from exc
+        except (BotoCoreError, Boto3Error) as exc:
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: Exception) -> StoreUnavailable:
+        return StoreUnavailable(f"the object store {self.url} failed: {type(exc).__name__}: {exc}; check "
+                                "TUNEFLEET_STORE_URL, TUNEFLEET_STORE_ENDPOINT_URL and the server's AWS credentials")
+
+    def put(self, key: str, source: Path) -> None:
+        with self._answering(key):
+            self.client.upload_file(str(source), self.bucket, self._key(key))
+        source.unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        try:
+            with self._answering(key):
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def chunks(self, key: str) -> Iterator[bytes]:
+        with self._answering(key):
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
         return _read_chunks(body)
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        with self._answering(key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def delete_prefix(self, prefix: str) -> None:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix))
-        for page in pages:  # at most 1,000 keys a page, as delete_objects takes
-            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
-            if keys:
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+        with self._answering(prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                          Prefix=self._key(prefix))
+            for page in pages:  # at most 1,000 keys a page, as delete_objects takes
+                keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if keys:
+                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
 
     def describe(self) -> str:
         return self.url

@@ -20,7 +20,7 @@ from tunefleet.service.artifacts import delete_checkpoints
 from tunefleet.service.assets import pin_inputs
 from tunefleet.service.auth import ANONYMOUS_ADMIN, Principal, project_id
 from tunefleet.service.backend import Backend, StudyRuntime
-from tunefleet.service.errors import Conflict, Forbidden, InvalidInput, NotFound
+from tunefleet.service.errors import Conflict, Forbidden, InvalidInput, NotFound, StoreUnavailable
 from tunefleet.service.scheduling import PausedTrial, policy_for
 from tunefleet.service.schemas import StudyOut, TrialOut, storable_problems
 from tunefleet.service.search import build_pruner, build_sampler, search_problems
@@ -422,7 +422,11 @@ def delete_study(backend: Backend, study_id: int) -> None:
     backend.forget(study_id)
     with contextlib.suppress(KeyError):  # already gone from Optuna's tables
         optuna.delete_study(study_name=name, storage=backend.storage)
-    backend.store.delete_prefix(f"{study_id}/")
+    try:
+        backend.store.delete_prefix(f"{study_id}/")
+    except StoreUnavailable as exc:  # the study is gone; its files are unreferenced, never a record without them
+        log.warning("study %s (%s) deleted, but not its files in the store: %s", study_id, name, exc.message)
+        return
     log.info("study %s (%s) deleted", study_id, name)
 
 

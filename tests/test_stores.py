@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import io
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import S3_BUCKET, LiveServer, make_settings, s3_keys, study_spec
+from tests.conftest import S3_BUCKET, LiveServer, free_port, make_settings, s3_keys, study_spec
 from tunefleet.service.client import Client, pack_files
+from tunefleet.service.errors import StoreUnavailable
 from tunefleet.service.stores import CHUNK_BYTES, LocalStore, S3Store, Store
 
 
@@ -61,6 +63,17 @@ def test_delete_prefix_removes_one_folder_only(store: Store) -> None:
     store.delete_prefix("1/")
     assert [k for k in ("1/2/adapter.bin", "1/3/log.txt", "10/1/log.txt", "datasets/x.tar") if store.exists(k)] == [
         "10/1/log.txt", "datasets/x.tar"]
+
+
+def test_an_s3_store_that_does_not_answer_is_store_unavailable(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    store = S3Store(f"s3://{S3_BUCKET}", endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1",
+                    spool=tmp_path / "spool")
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="TUNEFLEET_STORE_URL, TUNEFLEET_STORE_ENDPOINT_URL"):
+        store.exists("datasets/x.tar")
+    assert time.monotonic() - started < 10
 
 
 # ---- uploads through the API, S3 store, PostgreSQL -------------------------------------------------------
