@@ -5,15 +5,19 @@ S3 store: versions by content, pinning in a study's spec, and a clear 4xx for ev
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from tests.conftest import S3_BUCKET, LiveServer, free_port, make_settings, s3_keys, study_spec
+from tunefleet.cli import app
 from tunefleet.service.client import Client, pack_files
 from tunefleet.service.errors import StoreUnavailable
 from tunefleet.service.stores import CHUNK_BYTES, LocalStore, S3Store, Store
@@ -115,6 +119,27 @@ def test_uploads_are_versioned_by_content_and_pinned_in_a_study(s3_server, s3_en
         study = client.create_study(spec)
     assert study["spec"]["data"]["train"] == f"tunefleet://news@{second['version']}/train.jsonl", "newest, pinned"
     assert study["spec"]["data"]["test"] == f"tunefleet://news@{first['version']}/test.jsonl"
+
+
+def test_the_cli_uploads_lists_and_shows_and_a_bad_path_is_one_error_line(s3_server, tmp_path) -> None:
+    folder = _data_folder(tmp_path / "news")
+    runner = CliRunner()
+
+    def tunefleet(*args: str) -> Any:
+        return runner.invoke(app, ["--server", s3_server.url, *args], env={"COLUMNS": "200"})
+
+    uploaded = tunefleet("data", "upload", str(folder), "--name", "news")
+    assert uploaded.exit_code == 0, uploaded.output
+    version = uploaded.stdout.strip().removeprefix("tunefleet://news@")
+    assert len(version) == 12
+    listed = tunefleet("data", "ls", "--json")
+    assert [(a["name"], a["version"]) for a in json.loads(listed.stdout)] == [("news", version)]
+    shown = tunefleet("data", "show", "news")
+    assert shown.exit_code == 0 and "train.jsonl" in shown.stdout and version in shown.stdout
+    missing = tunefleet("model", "upload", str(tmp_path / "nowhere"), "--name", "m")
+    assert missing.exit_code == 1 and "no such file or folder" in missing.output
+    unknown = tunefleet("model", "show", "m")
+    assert unknown.exit_code == 1 and "no model named 'm'" in unknown.output
 
 
 def _tar_bytes(*members: tarfile.TarInfo) -> bytes:

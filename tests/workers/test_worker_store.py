@@ -19,6 +19,7 @@ from tests.workers.conftest import classification_rows, write_jsonl
 from tunefleet.cli.export import model_card
 from tunefleet.service.client import Client
 from tunefleet.workers.errors import ModelLoadError
+from tunefleet.workers.inputs import InputCache
 from tunefleet.workers.model_cache import check_local_path
 
 
@@ -73,6 +74,19 @@ def test_a_worker_elsewhere_trains_uploads_and_its_checkpoints_and_adapter_land_
     assert sorted(p.name for p in (cache / "models").iterdir()) == [uploaded["sha256"]]
     card = model_card(shown, trial, None, sorted(artifacts))
     assert "base_model: tiny-bert\n" in card and str(tmp_path) not in card
+
+
+def test_a_remote_file_is_downloaded_with_fsspec_and_kept_by_hash(tmp_path) -> None:
+    import fsspec
+
+    with fsspec.open("memory://bucket/train.jsonl", "wb") as fh:  # fsspec's in-memory file system, as s3fs is one
+        fh.write(b'{"text": "a", "label": "b"}\n')
+    cache = InputCache(tmp_path / "cache", client=None)  # type: ignore[arg-type]  # no upload is fetched
+    first, digest = cache._remote("memory://bucket/train.jsonl")
+    again, same = cache._remote("memory://bucket/train.jsonl")
+    assert first == again == tmp_path / "cache" / "remote" / digest / "train.jsonl" and digest == same
+    assert first.read_bytes() == b'{"text": "a", "label": "b"}\n'
+    assert [p.name for p in (tmp_path / "cache" / "remote").iterdir()] == [digest], "no half-written copies"
 
 
 def test_hf_hub_offline_fails_a_missing_hub_id_at_once(monkeypatch) -> None:
