@@ -12,6 +12,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from tunefleet.service.spec import FailureKind, ReportAction
 
 __all__ = [
+    "AssetFile",
+    "AssetOut",
     "ArtifactOut", "CheckpointRef", "CompleteIn", "EnqueueIn", "ErrorItem", "ErrorOut", "FailIn", "HeartbeatIn",
     "HeartbeatOut", "LeaseIn", "LeaseOut", "Page", "PauseIn", "Problem", "ReportIn", "ReportOut", "ResumeOut",
     "StudyOut", "TokenIn", "TokenOut", "TrialOut", "ValidationErrorOut", "printable", "storable_problems",
@@ -349,6 +351,23 @@ class ArtifactOut(BaseModel):
     name: str
     size: int
     sha256: str
+    created_at: Moment
+
+
+class AssetFile(BaseModel):
+    name: str
+    size: int
+
+
+class AssetOut(BaseModel):
+    """An uploaded data set or base model, one version of it (a spec names it `tunefleet://NAME@VERSION`)."""
+
+    kind: Literal["datasets", "models"]
+    name: str
+    version: str = Field(description="the first 12 hex digits of sha256")
+    sha256: str = Field(description="SHA-256 of the uploaded tar, which holds the files in name order")
+    size: int
+    files: list[AssetFile]
     created_at: Moment
 
 

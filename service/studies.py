@@ -17,9 +17,10 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.orm import Session
 
 from tunefleet.service.artifacts import delete_checkpoints
+from tunefleet.service.assets import pin_inputs
 from tunefleet.service.auth import ANONYMOUS_ADMIN, Principal, project_id
 from tunefleet.service.backend import Backend, StudyRuntime
-from tunefleet.service.errors import Conflict, Forbidden, InvalidInput, NotFound
+from tunefleet.service.errors import Conflict, Forbidden, InvalidInput, NotFound, StoreUnavailable
 from tunefleet.service.scheduling import PausedTrial, policy_for
 from tunefleet.service.schemas import StudyOut, TrialOut, storable_problems
 from tunefleet.service.search import build_pruner, build_sampler, search_problems
@@ -173,6 +174,7 @@ def create_study(backend: Backend, data: Any, principal: Principal = ANONYMOUS_A
     if problems:
         errors = [{"loc": list(loc), "msg": msg, "type": "value_error"} for loc, msg in problems]
         raise InvalidInput(f"invalid study spec: {problems[0][1]}", errors)
+    data = pin_inputs(backend, data)  # uploaded data sets and models: the version they name now
     with backend.session() as session:
         project = _writable_project(session, principal, spec.project)
         if session.scalar(sa.select(StudyRow.id).where(StudyRow.name == spec.name)) is not None:
@@ -445,7 +447,11 @@ def delete_study(backend: Backend, study_id: int) -> None:
     backend.forget(study_id)
     with contextlib.suppress(KeyError):  # already gone from Optuna's tables
         optuna.delete_study(study_name=name, storage=backend.storage)
-    backend.artifacts.delete_study(study_id)
+    try:
+        backend.store.delete_prefix(f"{study_id}/")
+    except StoreUnavailable as exc:  # the study is gone; its files are unreferenced, never a record without them
+        log.warning("study %s (%s) deleted, but not its files in the store: %s", study_id, name, exc.message)
+        return
     log.info("study %s (%s) deleted", study_id, name)
 
 

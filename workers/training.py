@@ -81,12 +81,14 @@ def resolve_config(spec: Mapping[str, Any], params: Mapping[str, Any]) -> dict[s
 
 def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], report: Report, *,
               device: str = "cpu", workdir: Path, model_cache: ModelCache | None = None,
-              should_stop: Callable[[], bool] = lambda: False, resume_from: Path | None = None) -> TrialOutcome:
+              should_stop: Callable[[], bool] = lambda: False, resume_from: Path | None = None,
+              inputs: Mapping[str, Any] | None = None) -> TrialOutcome:
     """Train and evaluate one trial of `spec` with `params`, reporting at each rung percent.
 
     `report(percent, objective_value, metrics)` answers "continue", "prune" or "pause" (checkpoint and stop).
     `resume_from` is a checkpoint an earlier "pause" of the same trial saved: training continues from its
-    step, and only later rungs are reported. `should_stop()` is polled after
+    step, and only later rungs are reported. `inputs` says what the worker fetched for the spec's local paths
+    (`{location: {uri, sha256}}`, workers/inputs.py): the data-splits record keeps it. `should_stop()` is polled after
     every optimizer step and must be cheap (read a flag). `device` is "cpu" or "cuda[:N]"
     (CUDA_VISIBLE_DEVICES is the simplest way to give a worker one GPU).
     Raises TrialInterrupted when should_stop() turns True, and TrialFailed subclasses: InvalidConfig,
@@ -103,6 +105,8 @@ def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], re
 
     set_seed(config["seed"])
     splits, tokenizer, label_names, prepared = _prepare_data(spec, config, task, cache)
+    if inputs:
+        splits.record["inputs"] = dict(inputs)
     loaded = cache.model(spec["model"], task, label_names, seed=config["seed"])
     if not task.uses_labels and getattr(loaded.model.config, "pad_token_id", None) is None:
         loaded.model.config.pad_token_id = tokenizer.pad_token_id

@@ -14,6 +14,7 @@ from tunefleet.cli.app import CliError, client_for, command, study_app
 from tunefleet.cli.render import console, fmt
 from tunefleet.cli.studies import StudyId
 from tunefleet.service.client import Client
+from tunefleet.service.refs import SCHEME, is_remote, looks_like_local_path, parse_ref
 
 __all__ = ["download_artifacts", "model_card"]
 
@@ -82,7 +83,7 @@ def download_artifacts(client: Client, trial_id: int, dest: Path) -> list[str]:
         if not target.is_relative_to(root):
             raise CliError(f"refusing artifact name {artifact['name']!r}: it points outside {dest}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(client.download_artifact(trial_id, artifact["name"]))
+        client.download_artifact_to(trial_id, artifact["name"], target)  # streamed: a full model may be GBs
         names.append(artifact["name"])
     return names
 
@@ -93,10 +94,12 @@ def model_card(study: Mapping[str, Any], trial: Mapping[str, Any], baseline: Map
     spec = study.get("spec") or {}
     objectives = spec.get("objective")
     has_adapter = any(name.startswith("adapter/") for name in files)
-    lines = ["---", f"base_model: {spec.get('model', 'unknown')}",
+    base = base_model(str(spec.get("model", "")))
+    lines = ["---", *([f"base_model: {base}"] if base else []),
              *(["library_name: peft"] if has_adapter else []), "tags: [tunefleet, optuna]", "---", "",
              f"# {study['name']}: trial #{trial.get('number')}", "",
-             f"Fine-tuned from `{spec.get('model')}` for {spec.get('task')}, selected by tunefleet study "
+             f"Fine-tuned from `{_model_shown(str(spec.get('model', '')))}` for {spec.get('task')}, selected by "
+             f"tunefleet study "
              f"{study['name']} (id {study['id']}) out of {study.get('trials_used', '?')} trials.", "",
              f"- objective: `{json.dumps(objectives)}`",
              f"- value: {fmt(trial.get('value') if trial.get('value') is not None else trial.get('values'))}",
@@ -119,6 +122,26 @@ def model_card(study: Mapping[str, Any], trial: Mapping[str, Any], baseline: Map
                   f'model = {auto}.from_pretrained(".")', 'tokenizer = AutoTokenizer.from_pretrained(".")',
                   "```", ""]
     return "\n".join(lines)
+
+
+def base_model(model: str) -> str | None:
+    """What the model card's `base_model` says: the hub id, or the name of an uploaded model, as the user gave
+    it; None for a local folder or a remote URI, whose path means nothing on another machine."""
+    try:
+        ref = parse_ref(model)
+    except ValueError:
+        return None
+    if ref is not None:
+        return ref.name
+    return None if (looks_like_local_path(model) or is_remote(model) or not model) else model
+
+
+def _model_shown(model: str) -> str:
+    """The model as the card's text names it: an uploaded one with its version, a local folder by its name."""
+    ref = parse_ref(model) if model.startswith(SCHEME) else None
+    if ref is not None:
+        return f"{ref.name} (uploaded model, version {ref.version})"
+    return f"a local folder named {Path(model).name}" if looks_like_local_path(model) else model
 
 
 # The transformers class that loads a fully fine-tuned model of each task.
