@@ -83,10 +83,10 @@ class ModelCache:
         """
         if quantization is not None:
             start = time.perf_counter()
-            entry = _load(name, task, label_names, dtype, quantization_config=quantization,
+            fresh = _load(name, task, label_names, dtype, quantization_config=quantization,
                           device_map={"": torch.cuda.current_device()})
-            _reinit(entry.pristine, entry.new_params, seed)
-            return LoadedModel(entry.pristine, time.perf_counter() - start, cached=False)
+            _reinit(fresh.pristine, fresh.new_params, seed)
+            return LoadedModel(fresh.pristine, time.perf_counter() - start, cached=False)
         key = (name, task.name, tuple(label_names) if label_names else None, str(dtype))
         start = time.perf_counter()
         with self._lock:

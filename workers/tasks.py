@@ -192,17 +192,14 @@ class TokenClassification(Task):
         return compute
 
 
-class CausalLM(Task):
-    """Generative attribute extraction: prompt → JSON object; trained on prompt+target, loss on the target only."""
+class _Generative(Task):
+    """Tasks of a causal LM that learns an answer after a prompt (loss on the answer only) and is scored on
+    what it generates greedily."""
 
-    name = "causal-lm"
     auto_class = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
     uses_labels = False
     max_new_tokens_cap = 256
-
-    def required_fields(self, data: Mapping[str, Any]) -> tuple[str, ...]:
-        return (data["prompt"], data["target"])
 
     def prepare_tokenizer(self, tokenizer: Any) -> None:
         # Encoder tokenizers (e.g. WordPiece) have no eos: [SEP] ends the answer instead.
@@ -212,6 +209,15 @@ class CausalLM(Task):
             raise DataError("the tokenizer has no eos, sep or pad token to end a generated answer")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+
+
+class CausalLM(_Generative):
+    """Generative attribute extraction: prompt → JSON object; trained on prompt+target, loss on the target only."""
+
+    name = "causal-lm"
+
+    def required_fields(self, data: Mapping[str, Any]) -> tuple[str, ...]:
+        return (data["prompt"], data["target"])
 
     @staticmethod
     def _target(value: Any, where: str) -> dict[str, Any]:
@@ -304,7 +310,7 @@ class SFTExample:
     templated: bool  # rendered by a chat template, which writes its own special tokens (bos)
 
 
-class SFT(CausalLM):
+class SFT(_Generative):
     """Instruction tuning on prompt/completion pairs or chat messages; the loss is on the completion only.
 
     Chat messages (a `messages` list, or `prompt`/`completion` given as message lists) are rendered with the

@@ -12,6 +12,7 @@ the test split is evaluated once — test never feeds pruning or selection.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import logging
 import math
@@ -227,10 +228,8 @@ def _quantization(config: Mapping[str, Any], device: str) -> Any:
         raise InvalidConfig(f"method qlora loads the base model in 4 bits with bitsandbytes, which needs a CUDA "
                             f"GPU, and this worker runs on {device}: use method lora here, or run the study's "
                             "workers with --device cuda")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise InvalidConfig("method qlora needs bitsandbytes on the worker: pip install bitsandbytes") from None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InvalidConfig("method qlora needs bitsandbytes on the worker: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
     compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
