@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "MULTI_OBJECTIVE_SAMPLERS",
+    "GENERATIVE_TASKS",
     "PAUSING_PRUNERS",
     "SCORER_METRIC",
     "TASK_METRICS",
@@ -77,6 +78,8 @@ TASK_METRICS: dict[TaskName, tuple[str, ...]] = {
     "causal-lm": ("exact_match", "attribute_f1", "attribute_precision", "attribute_recall", "loss"),
     "sft": ("exact_match", "loss"),
 }
+# Tasks evaluated on what the model generates (evaluation.max_new_tokens applies to them).
+GENERATIVE_TASKS: tuple[TaskName, ...] = ("causal-lm", "sft")
 # The metric a user-given scorer (`evaluation.scorer`, task sft) produces: its mean over the generations.
 SCORER_METRIC = "score"
 
@@ -283,7 +286,7 @@ def checkpoint_storage(spec: Mapping[str, Any], params: Mapping[str, Any]) -> st
 
 
 class EvaluationSpec(_Strict):
-    """How task sft scores greedy generations, besides the validation loss and exact match."""
+    """How generative tasks generate, and how task sft scores generations besides loss and exact match."""
 
     scorer: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
@@ -380,6 +383,9 @@ class StudySpec(_Strict):
         if self.evaluation.scorer and self.task != "sft":
             problems.append((("evaluation", "scorer"), f"task {self.task} does not generate free text to score; "
                              "a scorer needs task: sft (drop evaluation.scorer)"))
+        if self.evaluation.max_new_tokens and self.task not in GENERATIVE_TASKS:
+            problems.append((("evaluation", "max_new_tokens"), f"task {self.task} generates nothing; "
+                             f"max_new_tokens applies to {' and '.join(GENERATIVE_TASKS)} (drop it)"))
         return problems
 
     def metrics(self) -> tuple[str, ...]:

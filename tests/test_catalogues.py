@@ -88,6 +88,14 @@ def test_the_workers_know_every_task_and_their_metrics_are_the_specs() -> None:
     assert all(task.metrics == TASK_METRICS[name] for name, task in TASKS.items())
 
 
+def test_an_exported_model_card_names_the_model_class_of_every_task() -> None:
+    pytest.importorskip("torch")
+    from tunefleet.cli.export import AUTO_CLASSES
+    from tunefleet.workers.tasks import TASKS
+
+    assert {name: task.auto_class for name, task in TASKS.items()} == AUTO_CLASSES
+
+
 def test_each_tasks_evaluation_produces_its_metrics() -> None:
     """The metric functions (workers/evaluation.py) spell the names again: with the Trainer's loss, the spec's."""
     pytest.importorskip("torch")

@@ -342,6 +342,9 @@ class SFT(_Generative):
                             "and data.completion, to its field names")
         if isinstance(prompt, str) and isinstance(completion, str):
             return SFTExample(prompt, completion, completion, templated=False)
+        if isinstance(prompt, str) or isinstance(completion, str):
+            raise DataError(f"{where}: give {data['prompt']!r} and {data['completion']!r} both as strings or both "
+                            "as lists of chat messages, not one of each")
         prompt = _messages(prompt, where, data["prompt"])
         completion = _messages(completion, where, data["completion"])
         return self._render_chat(prompt, completion, tokenizer, where)

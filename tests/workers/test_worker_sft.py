@@ -99,6 +99,7 @@ def test_chat_messages_without_a_template_use_the_plain_one(tiny_llama, cache) -
     ({"messages": [{"role": "user", "content": "hi"}]}, "must end with the assistant's answer"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]}, "chat messages"),
     ({"text": "hello"}, "neither 'messages'"),
+    ({"prompt": "hi", "completion": [{"role": "assistant", "content": "hello"}]}, "not one of each"),
 ])
 def test_bad_examples_are_data_errors_naming_the_fix(row, message, tiny_llama, cache) -> None:
     with pytest.raises(DataError, match=message):
@@ -168,6 +169,8 @@ def test_the_spec_names_the_scorer_and_its_metric(make_spec, tiny_llama) -> None
         "a scorer on another task": ({**spec, "task": "causal-lm", "objective": {"metric": "exact_match"}},
                                      ["evaluation", "scorer"], "needs task: sft"),
         "not module:function": ({**spec, "evaluation": {"scorer": "score.py"}}, ["evaluation", "scorer"], "pattern"),
+        "nothing generated": ({**spec, "task": "sequence-classification", "objective": {"metric": "loss"},
+                               "evaluation": {"max_new_tokens": 8}}, ["evaluation", "max_new_tokens"], "drop it"),
     }
     for case, (bad, loc, message) in problems.items():
         with pytest.raises(SpecError) as caught:

@@ -90,7 +90,8 @@ def model_card(study: Mapping[str, Any], trial: Mapping[str, Any], baseline: Map
 
 # The transformers class that loads a fully fine-tuned model of each task.
 AUTO_CLASSES = {"sequence-classification": "AutoModelForSequenceClassification",
-                "token-classification": "AutoModelForTokenClassification", "causal-lm": "AutoModelForCausalLM"}
+                "token-classification": "AutoModelForTokenClassification", "causal-lm": "AutoModelForCausalLM",
+                "sft": "AutoModelForCausalLM"}
 
 
 def _md_table(title: str, columns: Mapping[str, Mapping[str, Any]]) -> list[str]:
