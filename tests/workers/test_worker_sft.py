@@ -135,7 +135,7 @@ def _spec(make_spec: Callable[..., dict[str, Any]], model: Path, tmp_path: Path,
         spec["data"][split] = str(write_jsonl(tmp_path / f"chat-{split}.jsonl", chat_rows(n, seed=len(split))))
     spec["model"] = str(model)
     spec["fixed"].update(max_steps=max_steps, per_device_batch_size=4, method="lora", learning_rate=1e-2)
-    spec.update(evaluation={"scorer": SCORER}, **overrides)
+    spec.update(evaluation={"scorer": SCORER, "max_new_tokens": 4}, **overrides)  # answers: a word + eos
     return spec
 
 
@@ -202,10 +202,10 @@ def test_sft_study_reports_at_20_percent_and_is_pruned_there(live, make_spec, ti
         assert worker.run() == 3
         trials = client.list_trials(study["id"])["items"]
         artifacts = {t["id"]: [a["name"] for a in client.list_artifacts(t["id"])] for t in trials}
-    pruned = [t for t in trials if t["state"] == "PRUNED"]
+    (slow,) = [t for t in trials if t["params"]["learning_rate"] == 1e-6]
+    assert slow["state"] == "PRUNED" and list(slow["intermediate_values"]) == ["20"] and slow["test_metrics"] == {}
     complete = [t for t in trials if t["state"] == "COMPLETE"]
-    assert [(t["params"]["learning_rate"], list(t["intermediate_values"])) for t in pruned] == [(1e-6, ["20"])]
-    assert complete and len(complete) + len(pruned) == 3
+    assert min(trials, key=lambda t: t["number"]) in complete, "the baseline (lr 1e-2) trains to the end"
     for t in complete:
         assert list(t["intermediate_values"]) == ["20", "60", "100"]
         assert set(t["validation_metrics"]) == {"exact_match", "score", "loss"}
