@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = [
     "COST_METRICS",
     "MULTI_OBJECTIVE_SAMPLERS",
+    "GENERATIVE_TASKS",
     "PAUSING_PRUNERS",
+    "SCORER_METRIC",
     "TASK_METRICS",
     "TRAINING_DEFAULTS",
     "TRAINING_PARAMS",
@@ -29,6 +31,7 @@ __all__ = [
     "ConstraintSpec",
     "FailureKind",
     "DataSpec",
+    "EvaluationSpec",
     "FloatParam",
     "IntParam",
     "ObjectiveSpec",
@@ -51,7 +54,7 @@ __all__ = [
 
 # The names below are spelled once each: the spec's fields take these Literal types (so the JSON schema
 # lists the choices and a wrong name is refused with them), and the other catalogues are keyed by them.
-TaskName = Literal["sequence-classification", "token-classification", "causal-lm"]
+TaskName = Literal["sequence-classification", "token-classification", "causal-lm", "sft"]
 # Keys of tunefleet.service.search.SAMPLERS / PRUNERS, the builders (tests/test_catalogues.py pins them).
 SamplerName = Literal["tpe", "mf-tpe", "gp", "random", "grid", "cmaes", "nsga2"]
 PrunerName = Literal["hyperband", "successive_halving", "median", "asha", "freeze-thaw", "none"]
@@ -76,7 +79,12 @@ TASK_METRICS: dict[TaskName, tuple[str, ...]] = {
     "sequence-classification": ("accuracy", "precision_macro", "recall_macro", "f1_macro", "loss"),
     "token-classification": ("entity_f1", "entity_precision", "entity_recall", "token_accuracy", "loss"),
     "causal-lm": ("exact_match", "attribute_f1", "attribute_precision", "attribute_recall", "loss"),
+    "sft": ("exact_match", "loss"),
 }
+# Tasks evaluated on what the model generates (evaluation.max_new_tokens applies to them).
+GENERATIVE_TASKS: tuple[TaskName, ...] = ("causal-lm", "sft")
+# The metric a user-given scorer (`evaluation.scorer`, task sft) produces: its mean over the generations.
+SCORER_METRIC = "score"
 
 # What a trial costs, measured by the worker itself for every task (reported in the trial's `extra`): wall
 # seconds of training, device-hours (seconds × devices / 3600; 0 on CPU), peak memory in MiB (CUDA's peak
@@ -89,7 +97,7 @@ COST_METRICS: tuple[str, ...] = ("train_seconds", "gpu_hours", "peak_memory_mb",
 # The defaults are "library defaults" for LoRA (peft / HF examples), so a spec's baseline means something;
 # None leaves the value to the worker (tunefleet.workers.training), as commented.
 _TRAINING_CATALOGUE: dict[str, tuple[ParamKind, Any]] = {
-    "method": ("str", "lora"),  # lora | ia3 | partial | full
+    "method": ("str", "lora"),  # lora | qlora (4-bit base, CUDA + bitsandbytes) | ia3 | partial | full
     "learning_rate": ("float", 5e-5),
     "weight_decay": ("float", 0.0),
     "warmup_ratio": ("float", 0.0),
@@ -245,8 +253,10 @@ class DataSpec(_Strict):
     label: str = "label"
     tokens: str = "tokens"  # token-classification: list of words
     tags: str = "tags"  # token-classification: list of BIO tags (strings or ints)
-    prompt: str = "prompt"  # causal-lm: input text
+    prompt: str = "prompt"  # causal-lm, sft: input text (sft: or a list of chat messages)
     target: str = "target"  # causal-lm: JSON object of attributes (or its string)
+    completion: str = "completion"  # sft: the answer to learn (a string, or a list of chat messages)
+    messages: str = "messages"  # sft: a chat, [{role, content}, ...]; the last (assistant) message is learned
     validation_fraction: float = Field(0.15, gt=0, lt=0.9)
     test_fraction: float = Field(0.15, gt=0, lt=0.9)
     split_seed: int = 0
@@ -313,6 +323,18 @@ def checkpoint_storage(spec: Mapping[str, Any], params: Mapping[str, Any]) -> st
     return "node" if method == "full" else "upload"
 
 
+class EvaluationSpec(_Strict):
+    """How generative tasks generate, and how task sft scores generations besides loss and exact match."""
+
+    scorer: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="module:function importable on the workers, called as function(prediction, reference) -> "
+        "float for each example; its mean is the metric 'score'")
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=4096, description="tokens generated per example; default: the longest training "
+        "completion + 8, at most 256")
+
+
 class BudgetSpec(_Strict):
     max_trials: int = Field(32, ge=1)
     max_gpu_hours: float | None = Field(None, gt=0)
@@ -343,6 +365,7 @@ class StudySpec(_Strict):
     search: SearchSpec = Field(default_factory=SearchSpec)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     warm_start: WarmStartSpec | None = Field(
         None, description="enqueue the best configurations of an earlier study, after the baseline")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="the training seed of every trial")
@@ -399,11 +422,22 @@ class StudySpec(_Strict):
                                      "search.sampler grid needs a finite grid: give this float parameter a step"))
         if self.baseline is not None:
             problems.extend(self._baseline_problems())
+        if self.evaluation.scorer and self.task != "sft":
+            problems.append((("evaluation", "scorer"), f"task {self.task} does not generate free text to score; "
+                             "a scorer needs task: sft (drop evaluation.scorer)"))
+        if self.evaluation.max_new_tokens and self.task not in GENERATIVE_TASKS:
+            problems.append((("evaluation", "max_new_tokens"), f"task {self.task} generates nothing; "
+                             f"max_new_tokens applies to {' and '.join(GENERATIVE_TASKS)} (drop it)"))
         return problems
+
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics this study's evaluations report: the task's, plus 'score' when sft has a scorer."""
+        scored = (SCORER_METRIC,) if self.task == "sft" and self.evaluation.scorer else ()
+        return (*TASK_METRICS[self.task], *scored)
 
     def _metric_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Objectives and constraints that name a metric no trial of this task reports."""
-        metrics = (*TASK_METRICS[self.task], *COST_METRICS)
+        metrics = (*self.metrics(), *COST_METRICS)
         problems: list[tuple[tuple[str | int, ...], str]] = []
         named: list[tuple[tuple[str | int, ...], str]] = [
             (("objective", i, "metric") if self.multi_objective else ("objective", "metric"), o.metric)
@@ -411,8 +445,10 @@ class StudySpec(_Strict):
         named += [(("constraints", i, "metric"), c.metric) for i, c in enumerate(self.constraints)]
         for loc, metric in named:
             if metric not in metrics:
-                problems.append((loc, f"metric {metric!r} is not produced by task {self.task}; use one of its "
-                                 f"metrics ({', '.join(TASK_METRICS[self.task])}) or a cost metric "
+                scorer_hint = (" (set evaluation.scorer to a module:function for 'score')"
+                               if metric == SCORER_METRIC and self.task == "sft" else "")
+                problems.append((loc, f"metric {metric!r} is not produced by task {self.task}{scorer_hint}; use "
+                                 f"one of its metrics ({', '.join(self.metrics())}) or a cost metric "
                                  f"({', '.join(COST_METRICS)})"))
         return problems
 

@@ -88,10 +88,18 @@ def test_the_workers_know_every_task_and_their_metrics_are_the_specs() -> None:
     assert all(task.metrics == TASK_METRICS[name] for name, task in TASKS.items())
 
 
+def test_an_exported_model_card_names_the_model_class_of_every_task() -> None:
+    pytest.importorskip("torch")
+    from tunefleet.cli.export import AUTO_CLASSES
+    from tunefleet.workers.tasks import TASKS
+
+    assert {name: task.auto_class for name, task in TASKS.items()} == AUTO_CLASSES
+
+
 def test_each_tasks_evaluation_produces_its_metrics() -> None:
     """The metric functions (workers/evaluation.py) spell the names again: with the Trainer's loss, the spec's."""
     pytest.importorskip("torch")
-    from tunefleet.workers.evaluation import attribute_metrics
+    from tunefleet.workers.evaluation import attribute_metrics, exact_match
     from tunefleet.workers.tasks import TASKS
 
     ids = np.array([0, 1, 2, 0])
@@ -102,6 +110,8 @@ def test_each_tasks_evaluation_produces_its_metrics() -> None:
         "token-classification": TASKS["token-classification"].compute_metrics(["O", "B-X", "I-X"])(tags),
         # causal-lm scores generated answers: its generation_metrics returns attribute_metrics.
         "causal-lm": attribute_metrics([{"color": "red"}], [{"color": "red"}]),
+        # sft scores generated text; a user's scorer adds "score", which the spec allows only with one.
+        "sft": {"exact_match": exact_match(["red"], ["red"])},
     }
     assert {name: set(metrics) for name, metrics in computed.items()} == {
         name: set(metrics) - {"loss"} for name, metrics in TASK_METRICS.items()}

@@ -1,4 +1,5 @@
-"""Metrics, computed from plain predictions (no torch): classification, BIO entities, JSON attributes.
+"""Metrics, computed from plain predictions (no torch): classification, BIO entities, JSON attributes, and
+generated text (exact match, a user's scorer).
 
 Names match `tunefleet.service.spec.TASK_METRICS`; `loss` (evaluation loss) comes from the Trainer.
 Entity-level F1 follows the CoNLL convention (as seqeval does in its default mode): an entity counts
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,9 @@ __all__ = [
     "bio_entities",
     "classification_metrics",
     "entity_metrics",
+    "exact_match",
+    "load_scorer",
+    "mean_score",
     "normalize_attributes",
     "parse_json_object",
     "prf",
@@ -126,3 +130,48 @@ def attribute_metrics(targets: Iterable[dict[str, Any]], predictions: Iterable[d
     precision, recall, f1 = prf(tp, n_pred, n_true)
     return {"exact_match": exact / count if count else 0.0, "attribute_f1": f1,
             "attribute_precision": precision, "attribute_recall": recall}
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Share of generations equal to their reference, after collapsing whitespace (case is kept)."""
+    pairs = list(zip(predictions, references, strict=True))
+    return sum(_squash(p) == _squash(r) for p, r in pairs) / len(pairs) if pairs else 0.0
+
+
+Scorer = Callable[[str, str], float]
+
+
+def load_scorer(ref: str) -> Scorer:
+    """The function `module:function` names, imported on the worker; raises ValueError saying what is missing."""
+    import importlib
+
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import the scorer's module {module_name!r} ({exc}); install it on every worker "
+                         "or start the worker where it is importable (PYTHONPATH)") from exc
+    scorer = getattr(module, attr, None)
+    if not callable(scorer):
+        raise ValueError(f"module {module_name!r} has no function {attr!r}; name it as module:function")
+    return scorer
+
+
+def mean_score(scorer: Scorer, predictions: Sequence[str], references: Sequence[str]) -> float:
+    """The mean of `scorer(prediction, reference)` (a bool counts 0 or 1); raises ValueError when it returns
+    anything but a finite number."""
+    values = []
+    for prediction, reference in zip(predictions, references, strict=True):
+        try:
+            value = scorer(prediction, reference)
+        except Exception as exc:  # the user's code: any error ends the trial with its message
+            raise ValueError(f"the scorer raised {type(exc).__name__}: {exc} (prediction {prediction!r}, "
+                             f"reference {reference!r})") from exc
+        if not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise ValueError(f"the scorer returned {value!r} for {prediction!r}; it must return a finite number")
+        values.append(float(value))
+    return float(np.mean(values)) if values else 0.0

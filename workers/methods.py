@@ -24,7 +24,7 @@ __all__ = ["METHODS", "apply_method", "count_parameters", "head_modules", "is_pe
            "transformer_layers"]
 
 Config = Mapping[str, Any]
-# What a method returns: the base model itself (partial, full) or a PEFT wrapper around it (lora, ia3).
+# What a method returns: the base model itself (partial, full) or a PEFT wrapper around it (lora, qlora, ia3).
 Adapted: TypeAlias = "PreTrainedModel | PeftModel | PeftMixedModel"
 
 
@@ -83,6 +83,17 @@ def _lora(model: PreTrainedModel, config: Config, task: Task) -> Adapted:
         modules_to_save=head_modules(model) or None))
 
 
+def _qlora(model: PreTrainedModel, config: Config, task: Task) -> Adapted:
+    from peft import prepare_model_for_kbit_training
+
+    if not getattr(model, "is_loaded_in_4bit", False):
+        raise InvalidConfig("method qlora trains LoRA on a base model loaded in 4 bits, and this one is not: the "
+                            "worker loads it so only on a CUDA device with bitsandbytes installed")
+    # Norms and the output layer in fp32 for stable training; no gradient checkpointing (no other method uses it).
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return _lora(model, config, task)
+
+
 def _ia3(model: PreTrainedModel, config: Config, task: Task) -> Adapted:
     from peft import IA3Config
 
@@ -116,6 +127,7 @@ def _full(model: PreTrainedModel, config: Config, task: Task) -> Adapted:
 
 METHODS: dict[str, Callable[[PreTrainedModel, Config, Task], Adapted]] = {
     "lora": _lora,
+    "qlora": _qlora,
     "ia3": _ia3,
     "partial": _partial,
     "full": _full,

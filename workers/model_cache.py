@@ -75,8 +75,18 @@ class ModelCache:
             return self._tokenizers[name]
 
     def model(self, name: str, task: Task, label_names: list[str] | None, *, seed: int,
-              dtype: torch.dtype = torch.float32) -> LoadedModel:
-        """A fresh copy of `name` with `task`'s head for `label_names`; raises ModelLoadError."""
+              dtype: torch.dtype = torch.float32, quantization: Any = None) -> LoadedModel:
+        """A fresh copy of `name` with `task`'s head for `label_names`; raises ModelLoadError.
+
+        With a `quantization` config (transformers' BitsAndBytesConfig) the model is loaded from disk onto the
+        current CUDA device every time, never cached: quantized weights live on their GPU and are not copied.
+        """
+        if quantization is not None:
+            start = time.perf_counter()
+            fresh = _load(name, task, label_names, dtype, quantization_config=quantization,
+                          device_map={"": torch.cuda.current_device()})
+            _reinit(fresh.pristine, fresh.new_params, seed)
+            return LoadedModel(fresh.pristine, time.perf_counter() - start, cached=False)
         key = (name, task.name, tuple(label_names) if label_names else None, str(dtype))
         start = time.perf_counter()
         with self._lock:
@@ -98,11 +108,11 @@ class ModelCache:
             self._tokenizers.clear()
 
 
-def _load(name: str, task: Task, label_names: list[str] | None, dtype: torch.dtype) -> _Entry:
+def _load(name: str, task: Task, label_names: list[str] | None, dtype: torch.dtype, **options: Any) -> _Entry:
     import transformers
 
     auto = getattr(transformers, task.auto_class)
-    kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True}
+    kwargs: dict[str, Any] = {"dtype": dtype, "output_loading_info": True, **options}
     if task.uses_labels and label_names:
         names = [str(n) for n in label_names]  # config.json keeps string names, whatever the data held
         kwargs.update(num_labels=len(names), id2label=dict(enumerate(names)),

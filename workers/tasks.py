@@ -15,12 +15,21 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from tunefleet.service.spec import TASK_METRICS, TaskName
+from tunefleet.service.spec import SCORER_METRIC, TASK_METRICS, TaskName
 from tunefleet.workers.data import Splits, label_vocabulary
-from tunefleet.workers.errors import DataError
-from tunefleet.workers.evaluation import attribute_metrics, classification_metrics, entity_metrics, parse_json_object
+from tunefleet.workers.errors import DataError, InvalidConfig
+from tunefleet.workers.evaluation import (
+    Scorer,
+    attribute_metrics,
+    classification_metrics,
+    entity_metrics,
+    exact_match,
+    mean_score,
+    parse_json_object,
+)
 
-__all__ = ["TASKS", "CausalLM", "Prepared", "SequenceClassification", "Task", "TokenClassification", "get_task"]
+__all__ = ["SFT", "TASKS", "CausalLM", "Prepared", "SFTExample", "SequenceClassification", "Task",
+           "TokenClassification", "completion_only", "get_task", "greedy_generate"]
 
 IGNORE = -100  # label id the loss and the metrics skip
 
@@ -34,9 +43,10 @@ class Prepared:
     test: list[dict[str, Any]]
     collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
     label_names: list[str] | None = None
-    # causal-lm: per split, (prompt token ids, target attribute object) for greedy generation
-    references: dict[str, list[tuple[list[int], dict[str, Any]]]] = field(default_factory=dict)
+    # causal-lm, sft: per split, (prompt token ids, what the generation is scored against)
+    references: dict[str, list[tuple[list[int], Any]]] = field(default_factory=dict)
     max_new_tokens: int = 0
+    scorer: Scorer | None = None  # sft: the spec's evaluation.scorer, adding the metric "score"
 
     def split(self, name: str) -> list[dict[str, Any]]:
         return {"train": self.train, "validation": self.validation, "test": self.test}[name]
@@ -182,17 +192,14 @@ class TokenClassification(Task):
         return compute
 
 
-class CausalLM(Task):
-    """Generative attribute extraction: prompt → JSON object; trained on prompt+target, loss on the target only."""
+class _Generative(Task):
+    """Tasks of a causal LM that learns an answer after a prompt (loss on the answer only) and is scored on
+    what it generates greedily."""
 
-    name = "causal-lm"
     auto_class = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
     uses_labels = False
     max_new_tokens_cap = 256
-
-    def required_fields(self, data: Mapping[str, Any]) -> tuple[str, ...]:
-        return (data["prompt"], data["target"])
 
     def prepare_tokenizer(self, tokenizer: Any) -> None:
         # Encoder tokenizers (e.g. WordPiece) have no eos: [SEP] ends the answer instead.
@@ -202,6 +209,15 @@ class CausalLM(Task):
             raise DataError("the tokenizer has no eos, sep or pad token to end a generated answer")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+
+
+class CausalLM(_Generative):
+    """Generative attribute extraction: prompt → JSON object; trained on prompt+target, loss on the target only."""
+
+    name = "causal-lm"
+
+    def required_fields(self, data: Mapping[str, Any]) -> tuple[str, ...]:
+        return (data["prompt"], data["target"])
 
     @staticmethod
     def _target(value: Any, where: str) -> dict[str, Any]:
@@ -221,7 +237,7 @@ class CausalLM(Task):
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         eos = [tokenizer.eos_token_id]
         out: dict[str, list[dict[str, Any]]] = {}
-        references: dict[str, list[tuple[list[int], dict[str, Any]]]] = {}
+        references: dict[str, list[tuple[list[int], Any]]] = {}
         longest_target = 0
         for split, rows in splits.items():
             features, refs = [], []
@@ -232,8 +248,7 @@ class CausalLM(Task):
                 prompt_ids = bos + tokenizer(str(r[data["prompt"]]), add_special_tokens=False)["input_ids"]
                 # Keep the end of a long prompt: it is nearest to the answer.
                 prompt_ids = prompt_ids[-(max_length - len(target_ids)):]
-                features.append({"input_ids": prompt_ids + target_ids, "attention_mask": [1] * (len(prompt_ids)
-                                 + len(target_ids)), "labels": [IGNORE] * len(prompt_ids) + target_ids})
+                features.append(completion_only(prompt_ids, target_ids))
                 refs.append((prompt_ids, target))
                 if split == "train":
                     longest_target = max(longest_target, len(target_ids))
@@ -245,36 +260,174 @@ class CausalLM(Task):
     def generation_metrics(self, model: Any, tokenizer: Any, prepared: Prepared, split: str,
                            batch_size: int) -> dict[str, float]:
         refs = prepared.references[split]
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        predictions: list[dict[str, Any] | None] = []
+        texts = greedy_generate(model, tokenizer, [p for p, _ in refs], prepared.max_new_tokens, batch_size)
+        return attribute_metrics([t for _, t in refs], [parse_json_object(t) for t in texts])
+
+
+def completion_only(prompt_ids: list[int], completion_ids: list[int]) -> dict[str, list[int]]:
+    """A training example of prompt + completion whose labels hide the prompt: the loss is on the completion only."""
+    return {"input_ids": prompt_ids + completion_ids, "attention_mask": [1] * (len(prompt_ids) + len(completion_ids)),
+            "labels": [IGNORE] * len(prompt_ids) + completion_ids}
+
+
+def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
+                    batch_size: int) -> list[str]:
+    """The greedy continuation of each prompt (token ids), decoded without special tokens; eos ends one."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    texts: list[str] = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start:start + batch_size]
+                width = max(map(len, batch))
+                # Left padding, so every prompt ends where generation starts.
+                ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch], device=device)
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+                generated = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                           max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                           eos_token_id=tokenizer.eos_token_id)
+                texts.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return texts
+
+
+# Without a chat template, chat messages are rendered one per line as "role: content", and the answer
+# follows "assistant: " (docs/configuration.md, task sft).
+PLAIN_TURN = "{role}: {content}\n"
+PLAIN_ANSWER_PROMPT = "assistant: "
+
+
+@dataclass
+class SFTExample:
+    """One sft example as text: what the model reads, what it learns to answer, and the answer's plain text."""
+
+    prompt: str
+    completion: str
+    reference: str  # what a user's scorer compares a generation with: the completion, or the answer's content
+    templated: bool  # rendered by a chat template, which writes its own special tokens (bos)
+
+
+class SFT(_Generative):
+    """Instruction tuning on prompt/completion pairs or chat messages; the loss is on the completion only.
+
+    Chat messages (a `messages` list, or `prompt`/`completion` given as message lists) are rendered with the
+    tokenizer's chat template by TRL's `apply_chat_template`, which splits prompt and completion where their
+    renderings part; plain strings are used as they are, as TRL's SFTTrainer does. A messages example's last
+    message is the completion (it must be the assistant's); earlier turns are context. Evaluation generates
+    greedily from each prompt: exact_match against the completion, and `score` from the spec's scorer.
+    """
+
+    name = "sft"
+
+    def required_fields(self, data: Mapping[str, Any]) -> tuple[str, ...]:
+        return ()  # either form may be used, example by example: render() checks each
+
+    def render(self, row: Mapping[str, Any], data: Mapping[str, Any], tokenizer: Any, where: str) -> SFTExample:
+        """`row` as prompt and completion text; raises DataError naming the example and the fields it needs."""
+        if row.get(data["messages"]) is not None:
+            messages = _messages(row[data["messages"]], where, data["messages"])
+            if len(messages) < 2 or messages[-1]["role"] != "assistant":
+                raise DataError(f"{where}: {data['messages']!r} must end with the assistant's answer after at "
+                                "least one earlier message (the answer is what the model learns)")
+            prompt: Any = messages[:-1]
+            completion: Any = messages[-1:]
+        elif row.get(data["prompt"]) is not None and row.get(data["completion"]) is not None:
+            prompt, completion = row[data["prompt"]], row[data["completion"]]
+        else:
+            raise DataError(f"{where} has neither {data['messages']!r} (chat messages) nor both {data['prompt']!r} "
+                            f"and {data['completion']!r} (it has {sorted(row)}); set data.messages, or data.prompt "
+                            "and data.completion, to its field names")
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return SFTExample(prompt, completion, completion, templated=False)
+        if isinstance(prompt, str) or isinstance(completion, str):
+            raise DataError(f"{where}: give {data['prompt']!r} and {data['completion']!r} both as strings or both "
+                            "as lists of chat messages, not one of each")
+        prompt = _messages(prompt, where, data["prompt"])
+        completion = _messages(completion, where, data["completion"])
+        return self._render_chat(prompt, completion, tokenizer, where)
+
+    @staticmethod
+    def _render_chat(prompt: list[dict[str, str]], completion: list[dict[str, str]], tokenizer: Any,
+                     where: str) -> SFTExample:
+        reference = "\n".join(m["content"] for m in completion)
+        if not getattr(tokenizer, "chat_template", None):
+            text = "".join(PLAIN_TURN.format(**m) for m in prompt) + PLAIN_ANSWER_PROMPT
+            return SFTExample(text, reference, reference, templated=False)
+        from trl.data_utils import apply_chat_template
+
         try:
-            with torch.no_grad():
-                for start in range(0, len(refs), batch_size):
-                    batch = [p for p, _ in refs[start:start + batch_size]]
-                    width = max(map(len, batch))
-                    # Left padding, so every prompt ends where generation starts.
-                    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch], device=device)
-                    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-                    generated = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                               max_new_tokens=prepared.max_new_tokens,
-                                               pad_token_id=tokenizer.pad_token_id,
-                                               eos_token_id=tokenizer.eos_token_id)
-                    texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-                    predictions.extend(parse_json_object(t) for t in texts)
-        finally:
-            model.train(was_training)
-        return attribute_metrics([t for _, t in refs], predictions)
+            rendered = apply_chat_template({"prompt": prompt, "completion": completion}, tokenizer)
+        except Exception as exc:  # jinja errors, roles the template refuses
+            raise DataError(f"{where}: the tokenizer's chat template cannot render it: {type(exc).__name__}: "
+                            f"{exc}") from exc
+        return SFTExample(rendered["prompt"], rendered["completion"], reference, templated=True)
+
+    def prepare(self, splits: Splits, tokenizer: Any, data: Mapping[str, Any], label_names: list[str] | None,
+                max_length: int) -> Prepared:
+        from transformers import DataCollatorForSeq2Seq
+
+        out: dict[str, list[dict[str, Any]]] = {}
+        references: dict[str, list[tuple[list[int], Any]]] = {}
+        longest = 0
+        for split, rows in splits.items():
+            features, refs = [], []
+            for i, row in enumerate(rows):
+                example = self.render(row, data, tokenizer, f"{split} example {i}")
+                prompt_ids, completion_ids = self._tokenize(example, tokenizer, max_length, f"{split} example {i}")
+                features.append(completion_only(prompt_ids, completion_ids))
+                # Exact match compares with the completion as the tokenizer decodes it, as it decodes a generation.
+                decoded = tokenizer.decode(completion_ids, skip_special_tokens=True)
+                refs.append((prompt_ids, (example.reference, decoded)))
+                if split == "train":
+                    longest = max(longest, len(completion_ids))
+            out[split], references[split] = features, refs
+        return Prepared(out["train"], out["validation"], out["test"],
+                        DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE), references=references,
+                        max_new_tokens=min(longest + 8, self.max_new_tokens_cap))
+
+    @staticmethod
+    def _tokenize(example: SFTExample, tokenizer: Any, max_length: int, where: str) -> tuple[list[int], list[int]]:
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not example.templated else []
+        prompt_ids = bos + tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+        if not prompt_ids:
+            raise DataError(f"{where}: the prompt is empty; generation needs at least one prompt token")
+        completion_ids = tokenizer(example.completion, add_special_tokens=False)["input_ids"][: max_length // 2]
+        if tokenizer.eos_token_id not in completion_ids:  # a chat template may end the turn with eos already
+            completion_ids.append(tokenizer.eos_token_id)
+        # Keep the end of a long prompt: it is nearest to the answer.
+        return prompt_ids[-(max_length - len(completion_ids)):], completion_ids
+
+    def generation_metrics(self, model: Any, tokenizer: Any, prepared: Prepared, split: str,
+                           batch_size: int) -> dict[str, float]:
+        refs = prepared.references[split]
+        texts = greedy_generate(model, tokenizer, [p for p, _ in refs], prepared.max_new_tokens, batch_size)
+        metrics = {"exact_match": exact_match(texts, [decoded for _, (_, decoded) in refs])}
+        if prepared.scorer is not None:
+            try:
+                metrics[SCORER_METRIC] = mean_score(prepared.scorer, texts, [text for _, (text, _) in refs])
+            except ValueError as exc:
+                raise InvalidConfig(f"evaluation.scorer: {exc}") from exc
+        return metrics
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (SequenceClassification(), TokenClassification(), CausalLM())}
+def _messages(value: Any, where: str, field_name: str) -> list[dict[str, str]]:
+    """`value` checked as chat messages, [{role, content}, ...] with string values; raises DataError."""
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in value)):
+        raise DataError(f"{where}: {field_name!r} must be a string or a non-empty list of chat messages "
+                        '[{"role": ..., "content": ...}] with string roles and contents')
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (SequenceClassification(), TokenClassification(), CausalLM(), SFT())}
 
 
 def get_task(name: str) -> Task:
     """The task registered under `name`; raises InvalidConfig for an unknown one."""
-    from tunefleet.workers.errors import InvalidConfig
-
     try:
         return TASKS[name]
     except KeyError:

@@ -12,6 +12,7 @@ the test split is evaluated once — test never feeds pruning or selection.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import logging
 import math
@@ -28,9 +29,10 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from tunefleet.service.spec import COST_METRICS, TRAINING_DEFAULTS, SpecError, objectives_of
+from tunefleet.service.spec import COST_METRICS, SCORER_METRIC, TRAINING_DEFAULTS, SpecError, objectives_of
 from tunefleet.workers.data import Splits, load_splits
 from tunefleet.workers.errors import InvalidConfig, NonFiniteLoss, OutOfMemory, TrialFailed, TrialInterrupted
+from tunefleet.workers.evaluation import load_scorer
 from tunefleet.workers.methods import apply_method, count_parameters, save_model
 from tunefleet.workers.model_cache import ModelCache
 from tunefleet.workers.tasks import Prepared, Task, get_task
@@ -100,6 +102,7 @@ def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], re
     objectives = _objectives(spec)
     cache = model_cache if model_cache is not None else ModelCache(max_models=1)
     _use_device(device)
+    _quantization(config, device)  # refuse 4-bit loading where it cannot run before reading any data
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
@@ -107,7 +110,8 @@ def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], re
     splits, tokenizer, label_names, prepared = _prepare_data(spec, config, task, cache)
     if inputs:
         splits.record["inputs"] = dict(inputs)
-    loaded = cache.model(spec["model"], task, label_names, seed=config["seed"])
+    loaded = cache.model(spec["model"], task, label_names, seed=config["seed"],
+                         quantization=_quantization(config, device))
     if not task.uses_labels and getattr(loaded.model.config, "pad_token_id", None) is None:
         loaded.model.config.pad_token_id = tokenizer.pad_token_id
     if should_stop():
@@ -120,7 +124,8 @@ def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], re
     log.info("trial: task=%s method=%s trainable=%d/%d params; splits %s", task.name, config["method"],
              trainable, total_params, splits.record["sizes"])
 
-    callback = _RungCallback(rungs, report, objectives, task.metrics, should_stop)
+    metric_names = (*task.metrics, SCORER_METRIC) if prepared.scorer else task.metrics
+    callback = _RungCallback(rungs, report, objectives, metric_names, should_stop)
     earlier = _earlier_progress(resume_from)
     trainer = None
     try:
@@ -146,7 +151,7 @@ def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], re
         artifact = _save_artifact(workdir, model, tokenizer, trainer, splits.record)
         extra["gpu_hours"] = earlier.get("gpu_hours", 0.0) + _device_hours(device, time.perf_counter() - started)
         # The test-set size lets the fidelity report put a confidence interval on tuned vs baseline.
-        test_metrics = {**_strip(test, "test", task.metrics), "n_examples": len(prepared.test)}
+        test_metrics = {**_strip(test, "test", metric_names), "n_examples": len(prepared.test)}
         return _completed(objectives, callback.last_metrics, test_metrics, extra, artifact, splits.record)
     finally:
         # Release device memory before the next trial, whatever happened.
@@ -164,8 +169,20 @@ def _prepare_data(spec: Mapping[str, Any], config: Mapping[str, Any], task: Task
     tokenizer = cache.tokenizer(spec.get("tokenizer") or spec["model"])
     task.prepare_tokenizer(tokenizer)
     label_names = task.label_names(splits, data)
-    return splits, tokenizer, label_names, task.prepare(splits, tokenizer, data, label_names,
-                                                        int(config["max_seq_length"]))
+    prepared = task.prepare(splits, tokenizer, data, label_names, int(config["max_seq_length"]))
+    _apply_evaluation(spec.get("evaluation") or {}, prepared)
+    return splits, tokenizer, label_names, prepared
+
+
+def _apply_evaluation(evaluation: Mapping[str, Any], prepared: Prepared) -> None:
+    """The spec's `evaluation` section (task sft): the user's scorer, imported here, and the generation length."""
+    if evaluation.get("max_new_tokens"):
+        prepared.max_new_tokens = int(evaluation["max_new_tokens"])
+    if evaluation.get("scorer"):
+        try:
+            prepared.scorer = load_scorer(str(evaluation["scorer"]))
+        except ValueError as exc:
+            raise InvalidConfig(f"evaluation.scorer: {exc}") from exc
 
 
 def _completed(objectives: list[tuple[str, str]], validation: dict[str, float], test: dict[str, float],
@@ -206,6 +223,24 @@ def _use_device(device: str) -> None:
     if ":" in device:
         # Trainer places the model on the current CUDA device.
         torch.cuda.set_device(int(device.split(":", 1)[1]))
+
+
+def _quantization(config: Mapping[str, Any], device: str) -> Any:
+    """The 4-bit (NF4) loading config of method qlora, None for other methods; raises InvalidConfig where
+    bitsandbytes cannot run: it quantizes on CUDA only."""
+    if config["method"] != "qlora":
+        return None
+    if not device.startswith("cuda"):
+        raise InvalidConfig(f"method qlora loads the base model in 4 bits with bitsandbytes, which needs a CUDA "
+                            f"GPU, and this worker runs on {device}: use method lora here, or run the study's "
+                            "workers with --device cuda")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InvalidConfig("method qlora needs bitsandbytes on the worker: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
 
 
 def _precision(config: Mapping[str, Any], device: str) -> str:

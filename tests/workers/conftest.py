@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,22 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+# A chat template as instruct models ship one: each turn "role : content [SEP]" ([SEP] is this tokenizer's eos).
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}"
+                 "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_llama with a chat template in its tokenizer (CHAT_TEMPLATE)."""
+    path = tmp_path_factory.mktemp("tiny-chat-llama")
+    shutil.copytree(tiny_llama, path, dirs_exist_ok=True)
+    tokenizer = _tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -118,12 +135,31 @@ def extraction_rows(n: int, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
+def instruction_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    """Prompt 'colour : ... red ... ->' → completion 'red' (lower case, as the WordPiece tokenizer decodes)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        color = rng.choice(COLORS)
+        rows.append({"prompt": "colour : " + " ".join(_sentence(rng, color)) + " ->", "completion": color})
+    return rows
+
+
+def chat_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    """instruction_rows as chat messages: a system turn, the question, the assistant's answer."""
+    return [{"messages": [{"role": "system", "content": "name the colour"}, {"role": "user", "content": r["prompt"]},
+                          {"role": "assistant", "content": r["completion"]}]} for r in instruction_rows(n, seed)]
+
+
 ROWS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
     "sequence-classification": classification_rows,
     "token-classification": tagging_rows,
     "causal-lm": extraction_rows,
+    "sft": instruction_rows,
 }
-OBJECTIVE = {"sequence-classification": "accuracy", "token-classification": "entity_f1", "causal-lm": "attribute_f1"}
+OBJECTIVE = {"sequence-classification": "accuracy", "token-classification": "entity_f1", "causal-lm": "attribute_f1",
+             "sft": "exact_match"}
+GENERATIVE = ("causal-lm", "sft")  # tasks of the tiny causal LM
 
 
 @pytest.fixture
@@ -142,7 +178,7 @@ def make_spec(tmp_path: Path, tiny_bert: Path, tiny_llama: Path) -> Callable[...
                 files[split] = str(write_jsonl(tmp_path / f"{task}-{split}.jsonl", ROWS[task](n, seed=i)))
         return {
             "name": "unit",
-            "model": str(tiny_llama if task == "causal-lm" else tiny_bert),
+            "model": str(tiny_llama if task in GENERATIVE else tiny_bert),
             "task": task,
             "data": {**files, **(data or {})},
             "objective": objective or {"metric": OBJECTIVE[task], "direction": "maximize"},

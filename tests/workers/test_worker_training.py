@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import Trainer
 
-from tests.workers.fakes import Reports
+from tests.workers.conftest import GENERATIVE
+from tests.workers.fakes import Generator, Reports
 from tunefleet.service.spec import TASK_METRICS
 from tunefleet.workers.errors import DataError, ModelLoadError, NonFiniteLoss, OutOfMemory, TrialInterrupted
 from tunefleet.workers.training import _rung_steps, _TaskTrainer, resolve_config, run_trial
@@ -20,8 +21,8 @@ RUNGS = [20, 60, 100]
 @pytest.mark.parametrize("task", list(TASK_METRICS))
 def test_each_task_trains_and_reports_its_metrics(task, make_spec, tmp_path, cache):
     reports = Reports()
-    # causal-lm evaluates by greedy generation over a 30k vocabulary: keep its splits small
-    sizes = (64, 8, 8) if task == "causal-lm" else (96, 32, 32)
+    # causal-lm and sft evaluate by greedy generation over a 30k vocabulary: keep their splits small
+    sizes = (64, 8, 8) if task in GENERATIVE else (96, 32, 32)
     out = run_trial(make_spec(task, sizes=sizes), {}, RUNGS, reports, workdir=tmp_path, model_cache=cache)
 
     assert reports.percents == RUNGS
@@ -269,36 +270,17 @@ def _causal_prepared(make_spec, cache):
     return task, tokenizer, prepared
 
 
-class _Generator(torch.nn.Module):
-    """A stand-in model whose greedy generation appends `answer(prompt ids)` to each left-padded prompt."""
-
-    def __init__(self, answer, pad_id):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.answer, self.pad_id, self.prompts = answer, pad_id, []
-
-    def generate(self, input_ids, attention_mask, **kwargs):
-        rows = []
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
-            prompt = [i for i, m in zip(ids, mask, strict=True) if m]
-            assert ids[len(ids) - len(prompt):] == prompt  # left padding: the prompt ends the row
-            self.prompts.append(prompt)
-            rows.append(ids + self.answer(prompt))
-        width = max(map(len, rows))
-        return torch.tensor([r + [self.pad_id] * (width - len(r)) for r in rows])
-
-
 def test_causal_lm_generation_scores_right_and_wrong_answers(make_spec, cache):
     """Decoding, JSON parsing and attribute scoring over left-padded batches, with the WordPiece tokenizer."""
     task, tokenizer, prepared = _causal_prepared(make_spec, cache)
     answers = {tuple(prompt): feature["input_ids"][len(prompt):]  # the target tokens + eos
                for (prompt, _), feature in zip(prepared.references["test"], prepared.test, strict=True)}
-    oracle = _Generator(lambda prompt: answers[tuple(prompt)], tokenizer.pad_token_id)
+    oracle = Generator(lambda prompt: answers[tuple(prompt)], tokenizer.pad_token_id)
     right = task.generation_metrics(oracle, tokenizer, prepared, "test", batch_size=3)
     assert right == {"exact_match": 1.0, "attribute_f1": 1.0, "attribute_precision": 1.0, "attribute_recall": 1.0}
     assert len(oracle.prompts) == 8
 
     junk = tokenizer('{"color": "purple"} and more', add_special_tokens=False)["input_ids"]
-    wrong = task.generation_metrics(_Generator(lambda prompt: junk, tokenizer.pad_token_id), tokenizer, prepared,
+    wrong = task.generation_metrics(Generator(lambda prompt: junk, tokenizer.pad_token_id), tokenizer, prepared,
                                     "test", batch_size=3)
     assert wrong["exact_match"] == 0.0 and wrong["attribute_precision"] == 0.0

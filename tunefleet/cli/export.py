@@ -146,7 +146,8 @@ def _model_shown(model: str) -> str:
 
 # The transformers class that loads a fully fine-tuned model of each task.
 AUTO_CLASSES = {"sequence-classification": "AutoModelForSequenceClassification",
-                "token-classification": "AutoModelForTokenClassification", "causal-lm": "AutoModelForCausalLM"}
+                "token-classification": "AutoModelForTokenClassification", "causal-lm": "AutoModelForCausalLM",
+                "sft": "AutoModelForCausalLM"}
 
 
 def _md_table(title: str, columns: Mapping[str, Mapping[str, Any]]) -> list[str]:
