@@ -15,8 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, make_settings
+from tests.conftest import LiveServer, make_settings, wait_until
 from tunefleet.service.client import Client
+from tunefleet.workers.loop import HFTrainer, WorkerLoop
 
 GOOD_LR, BAD_LR = 3e-3, 0.3
 
@@ -83,3 +84,65 @@ def test_a_bad_gpus_per_trial_is_a_422_naming_the_field(server: LiveServer, make
 def test_a_lease_request_offering_no_device_is_a_422(server: LiveServer) -> None:
     answer = httpx.post(f"{server.url}/api/v1/leases", json={"worker_id": "w", "devices": 0})
     assert answer.status_code == 422 and answer.json()["detail"][0]["loc"][-1] == "devices"
+
+
+def _worker(client: Client, root: Path, name: str, **options: Any) -> WorkerLoop:
+    return WorkerLoop(client, HFTrainer("cpu", nproc=2), worker_id=name, device="cpu", devices=2, idle_sleep=0.2,
+                      workdir=root / name, **{"once": True, **options})
+
+
+@pytest.mark.slow
+def test_a_two_rank_trial_paused_at_20_and_resumed_equals_an_uninterrupted_one(pg_url, make_spec, tmp_path) -> None:
+    settings = make_settings(pg_url, tmp_path / "server", lease_seconds=10.0)
+    spec = {**_spec(make_spec), "search_space": {"learning_rate": {"type": "categorical", "choices": [GOOD_LR]}},
+            "budget": {"max_trials": 1}, "baseline": None}
+    spec["fixed"]["method"] = "lora"
+    with LiveServer(settings) as live, Client(live.url) as client:
+        whole_study = client.create_study({**spec, "name": "whole", "search": {"sampler": "grid", "pruner": "none"}})
+        assert _worker(client, tmp_path, "whole").run() == 1
+        (whole,) = client.list_trials(whole_study["id"])["items"]
+        # The first trial of an ASHA study has no peer at 20%: rank 0 checkpoints there and every rank stops.
+        study = client.create_study({**spec, "name": "paused", "search": {"sampler": "grid", "pruner": "asha"}})
+        assert _worker(client, tmp_path, "first", max_trials=1).run() == 1
+        (paused,) = client.list_trials(study["id"])["items"]
+        assert paused["paused_at"] == 20
+        assert [a["name"] for a in client.list_artifacts(paused["id"])] == ["checkpoints/step-020.tar"]
+        assert _worker(client, tmp_path, "second").run() >= 1  # alone, it pauses at 60% too, and resumes
+        resumed = client.get_trial(paused["id"])
+    assert whole["state"] == resumed["state"] == "COMPLETE" and resumed["resumes"] >= 1
+    assert resumed["intermediate_values"] == pytest.approx(whole["intermediate_values"], abs=1e-6)
+    assert resumed["test_metrics"] == pytest.approx(whole["test_metrics"], abs=1e-6)
+    assert resumed["extra"]["world_size"] == 2 and resumed["extra"]["steps_done"] == 10
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_fails_the_trial_and_ends_the_other_ranks(pg_url, make_spec, tmp_path) -> None:
+    import psutil
+
+    settings = make_settings(pg_url, tmp_path / "server", lease_seconds=10.0)
+    spec = {**_spec(make_spec), "search": {"sampler": "grid", "pruner": "none", "seed": 1}, "baseline": None,
+            "budget": {"max_trials": 1}}
+    spec["fixed"]["max_steps"] = 400  # long enough to be killed mid-training
+    with LiveServer(settings) as live, Client(live.url) as client:
+        study = client.create_study(spec)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "tunefleet", "worker", "--server", live.url, "--device", "cpu", "--nproc", "2",
+             "--max-trials", "1", "--worker-id", "ddp", "--workdir", str(tmp_path / "ddp")],
+            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        try:
+            wait_until("the first rung", lambda: (client.list_trials(study["id"])["items"] or [{}])[0].get(
+                "intermediate_values"), timeout=240)
+            ranks = {p.environ().get("RANK"): p for p in psutil.Process(worker.pid).children(recursive=True)
+                     if "tunefleet.workers.distributed" in " ".join(p.cmdline())}  # torchrun and its ranks
+            assert set(ranks) == {None, "0", "1"}
+            victim = ranks["1"]
+            victim.kill()
+            assert worker.wait(120) == 0, "the worker survives its rank and ends after --max-trials 1"
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+        trials = client.list_trials(study["id"])["items"]
+    failed = next(t for t in trials if t["state"] == "FAIL")
+    assert "a rank died" in failed["fail_reason"] and failed["worker_id"] == "ddp"
+    assert [t["retry_of"] for t in trials if t is not failed] == [failed["id"]], "retryable: its parameters re-queued"
+    assert not [p for p in ranks.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "none outlives it"
