@@ -5,6 +5,7 @@ over HTTP; a one-device worker is not leased its trials, and a bad gpus_per_tria
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -115,34 +116,54 @@ def test_a_two_rank_trial_paused_at_20_and_resumed_equals_an_uninterrupted_one(p
     assert resumed["extra"]["world_size"] == 2 and resumed["extra"]["steps_done"] == 10
 
 
-@pytest.mark.slow
-def test_a_rank_that_dies_fails_the_trial_and_ends_the_other_ranks(pg_url, make_spec, tmp_path) -> None:
+def _ranks_mid_trial(client: Client, url: str, make_spec: Callable[..., dict[str, Any]], tmp_path: Path
+                     ) -> tuple[dict[str, Any], subprocess.Popen[bytes], dict[str | None, Any]]:
+    """A `--nproc 2` worker process past the first rung of a long trial: (study, worker, {RANK: process}), where
+    torchrun is the process without a RANK."""
     import psutil
 
-    settings = make_settings(pg_url, tmp_path / "server", lease_seconds=10.0)
     spec = {**_spec(make_spec), "search": {"sampler": "grid", "pruner": "none", "seed": 1}, "baseline": None,
             "budget": {"max_trials": 1}}
-    spec["fixed"]["max_steps"] = 400  # long enough to be killed mid-training
+    spec["fixed"]["max_steps"] = 400  # long enough to be stopped mid-training
+    study = client.create_study(spec)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tunefleet", "worker", "--server", url, "--device", "cpu", "--nproc", "2",
+         "--max-trials", "1", "--worker-id", "ddp", "--workdir", str(tmp_path / "ddp")],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wait_until("the first rung", lambda: (client.list_trials(study["id"])["items"] or [{}])[0].get(
+        "intermediate_values"), timeout=240)
+    ranks = {p.environ().get("RANK"): p for p in psutil.Process(worker.pid).children(recursive=True)
+             if "tunefleet.workers.distributed" in " ".join(p.cmdline())}
+    assert set(ranks) == {None, "0", "1"}
+    return study, worker, ranks
+
+
+def _ended_and_requeued(client: Client, study: dict[str, Any], ranks: dict[str | None, Any]) -> dict[str, Any]:
+    """The study's failed trial, once its parameters were re-queued and no process of its group is left."""
+    import psutil
+
+    trials = client.list_trials(study["id"])["items"]
+    failed = next(t for t in trials if t["state"] == "FAIL")
+    assert [t["retry_of"] for t in trials if t is not failed] == [failed["id"]], "retryable: its parameters re-queued"
+    assert not [p for p in ranks.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "none outlives it"
+    return failed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["kill rank 1", "SIGTERM the worker"])
+def test_a_rank_that_dies_or_a_worker_told_to_stop_ends_every_rank(pg_url, make_spec, tmp_path, stop) -> None:
+    settings = make_settings(pg_url, tmp_path / "server", lease_seconds=10.0)
     with LiveServer(settings) as live, Client(live.url) as client:
-        study = client.create_study(spec)
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "tunefleet", "worker", "--server", live.url, "--device", "cpu", "--nproc", "2",
-             "--max-trials", "1", "--worker-id", "ddp", "--workdir", str(tmp_path / "ddp")],
-            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        study, worker, ranks = _ranks_mid_trial(client, live.url, make_spec, tmp_path)
         try:
-            wait_until("the first rung", lambda: (client.list_trials(study["id"])["items"] or [{}])[0].get(
-                "intermediate_values"), timeout=240)
-            ranks = {p.environ().get("RANK"): p for p in psutil.Process(worker.pid).children(recursive=True)
-                     if "tunefleet.workers.distributed" in " ".join(p.cmdline())}  # torchrun and its ranks
-            assert set(ranks) == {None, "0", "1"}
-            victim = ranks["1"]
-            victim.kill()
-            assert worker.wait(120) == 0, "the worker survives its rank and ends after --max-trials 1"
+            if stop == "kill rank 1":
+                ranks["1"].kill()
+            else:
+                worker.send_signal(signal.SIGTERM)
+            assert worker.wait(120) == 0, "the worker ends the trial and exits (--max-trials 1, or SIGTERM)"
         finally:
             if worker.poll() is None:
                 worker.kill()
-        trials = client.list_trials(study["id"])["items"]
-    failed = next(t for t in trials if t["state"] == "FAIL")
-    assert "a rank died" in failed["fail_reason"] and failed["worker_id"] == "ddp"
-    assert [t["retry_of"] for t in trials if t is not failed] == [failed["id"]], "retryable: its parameters re-queued"
-    assert not [p for p in ranks.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "none outlives it"
+        failed = _ended_and_requeued(client, study, ranks)
+    assert failed["worker_id"] == "ddp"
+    assert ("a rank died" if stop == "kill rank 1" else "worker shutting down") in failed["fail_reason"]
