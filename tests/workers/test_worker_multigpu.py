@@ -167,3 +167,17 @@ def test_a_rank_that_dies_or_a_worker_told_to_stop_ends_every_rank(pg_url, make_
         failed = _ended_and_requeued(client, study, ranks)
     assert failed["worker_id"] == "ddp"
     assert ("a rank died" if stop == "kill rank 1" else "worker shutting down") in failed["fail_reason"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gpus", "0,2", "--nproc", "2"], "each worker needs 2 consecutive GPUs, and 0,2 are not"),
+    (["--gpus", "0,1,2", "--nproc", "2"], "each worker needs 2 consecutive GPUs, and 2 are not"),
+    (["--nproc", "0"], "Invalid value for '--nproc'"),
+])
+def test_worker_flags_that_cannot_make_whole_workers_are_refused(args: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from tunefleet.cli import app
+
+    result = CliRunner().invoke(app, ["worker", "--server", "http://127.0.0.1:9", *args], env={"COLUMNS": "200"})
+    assert result.exit_code != 0 and message in result.output
