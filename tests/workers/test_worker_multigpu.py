@@ -61,6 +61,8 @@ def test_a_two_rank_worker_completes_one_trial_and_prunes_another(pg_url, make_s
     assert shown["state"] == "completed" and [t["worker_id"] for t in trials] == ["ddp", "ddp"]
     assert baseline["state"] == "COMPLETE" and baseline["params"]["learning_rate"] == GOOD_LR
     assert baseline["extra"]["world_size"] == 2, "trained by 2 DDP ranks"
+    # Device-hours count both devices, in the trial (rank 0's wall time × 2) and in the study (lease time × 2).
+    assert shown["gpu_hours"] >= baseline["extra"]["gpu_hours"] > 0
     # 10 steps × 16 examples on each of the 2 ranks
     assert baseline["extra"]["samples_trained"] == 320 and baseline["extra"]["steps_done"] == 10
     assert baseline["value"] == pytest.approx(baseline["intermediate_values"]["100"])
