@@ -75,6 +75,8 @@ def run_distributed(job: Mapping[str, Any], devices: Sequence[str], report: Repo
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    for stale in (workdir / OUTCOME_FILE, *workdir.glob("error-*.json")):  # of an earlier segment (kept dirs)
+        stale.unlink(missing_ok=True)
     with _listener() as listener:
         secret = secrets.token_hex(16)
         job_file = workdir / JOB_FILE
