@@ -346,15 +346,17 @@ class Client:
 
     # -- the worker protocol --------------------------------------------------------------------
 
-    def lease(self, worker_id: str, device: Mapping[str, Any], hostname: str) -> dict[str, Any] | None:
-        """POST /leases: the next trial to run, or None when no study has work (204).
+    def lease(self, worker_id: str, device: Mapping[str, Any], hostname: str, devices: int = 1
+              ) -> dict[str, Any] | None:
+        """POST /leases: the next trial to run, or None when no study has work (204). `devices`: how many
+        devices this worker can train one trial on (studies needing more are not leased to it).
 
         One request id per call, reused by this call's retries, so a lease whose answer was lost is
         handed back again instead of leaking a second trial. The answer's `lease_token` is kept: the
         per-trial calls below send it (`X-Lease-Token`), since only the lease holder may change a trial.
         """
         body = {"worker_id": worker_id, "request_id": str(uuid.uuid4()), "device": dict(device),
-                "hostname": hostname}
+                "devices": devices, "hostname": hostname}
         leased = self._json("POST", "/leases", json=body)
         if leased is not None:
             self._lease_tokens[leased["trial_id"]] = leased["lease_token"]

@@ -105,6 +105,8 @@ def lease(backend: Backend, body: LeaseIn, principal: Principal) -> LeaseOut | N
             runtime = backend.runtime(study_id)
         except NotFound:
             continue  # deleted meanwhile
+        if runtime.spec.resources.gpus_per_trial > body.devices:
+            continue  # its trials need more devices than this worker has (tunefleet worker --nproc)
         leased = _resume_from(backend, runtime, body, principal) or _lease_from(backend, runtime, body, principal)
         if leased is not None:
             return leased

@@ -245,6 +245,8 @@ class LeaseIn(_In):
     # Idempotency key of this request, unique per worker; a retry sends the same one. Printable ASCII.
     request_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[!-~]+$")
     device: dict[str, Any] = Field(default_factory=dict)
+    devices: int = Field(1, ge=1, le=1024, description="devices this worker can train one trial on: no trial whose "
+                         "study asks for more (resources.gpus_per_trial) is leased to it")
     hostname: str = Field("", max_length=200)
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "ParamKind",
     "PrunerName",
     "ReportAction",
+    "ResourcesSpec",
     "SamplerName",
     "STUDY_FAILURES",
     "SearchSpec",
@@ -47,6 +48,7 @@ __all__ = [
     "WarmStartSpec",
     "checkpoint_storage",
     "constraint_violations",
+    "gpus_per_trial",
     "objectives_of",
     "validate_spec",
     "parse_spec_text",
@@ -335,6 +337,11 @@ class EvaluationSpec(_Strict):
         "completion + 8, at most 256")
 
 
+def gpus_per_trial(spec: Mapping[str, Any]) -> int:
+    """How many devices a trial of a spec dict (as a worker gets it, plain JSON) trains on."""
+    return int((spec.get("resources") or {}).get("gpus_per_trial", 1))
+
+
 class BudgetSpec(_Strict):
     max_trials: int = Field(32, ge=1)
     max_gpu_hours: float | None = Field(None, gt=0)
@@ -342,6 +349,19 @@ class BudgetSpec(_Strict):
     max_consecutive_failures: int = Field(
         3, ge=1, description="the study pauses itself after this many trials in a row fail for one reason of "
         "the study's own (the model or data cannot be loaded, the configuration is invalid)")
+
+
+class ResourcesSpec(_Strict):
+    gpus_per_trial: int = Field(
+        1, description="devices one trial trains on: 1, or N for data-parallel training (DDP) over N devices of "
+        "one node; only workers started with --nproc N or more lease its trials")
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _at_least_one(cls, n: int) -> int:
+        if n < 1:
+            raise ValueError(f"gpus_per_trial={n}: a trial needs at least one device; use 1, or N >= 2 for DDP")
+        return n
 
 
 class StudySpec(_Strict):
@@ -366,6 +386,7 @@ class StudySpec(_Strict):
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     warm_start: WarmStartSpec | None = Field(
         None, description="enqueue the best configurations of an earlier study, after the baseline")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="the training seed of every trial")

@@ -91,7 +91,7 @@ def usage(session: Session, runtime: StudyRuntime, trials: list[FrozenTrial] | N
     # Re-queued trials wait in Optuna's queue and are handed out even when the budget is reached.
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING and "retry_of" in t.user_attrs)
     # Device-hours are summed over leases (wall time a worker held each trial, pruned and failed ones too).
-    hours = _lease_hours(session, runtime.id) if runtime.spec.budget.max_gpu_hours is not None else 0.0
+    hours = _lease_hours(session, runtime) if runtime.spec.budget.max_gpu_hours is not None else 0.0
     paused = 0
     if runtime.spec.search.pruner in PAUSING_PRUNERS:  # only pausing policies leave paused rows
         paused = session.scalar(sa.select(sa.func.count()).select_from(Lease).where(
@@ -340,7 +340,7 @@ def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> Study
         # Queued trials hold a place in the budget, but no worker has them yet: not "used" in the view.
         trials_used=use.used - counts["queued"], max_trials=max_trials,
         progress=min(1.0, (use.used - counts["queued"]) / max_trials),
-        gpu_hours=_lease_hours(session, row.id),
+        gpu_hours=_lease_hours(session, runtime),
         rungs=runtime.rungs,
         best_trial=(_trial_view(front[0], row.id, *front_extras)
                     if front and not runtime.spec.multi_objective else None),
@@ -350,9 +350,11 @@ def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> Study
     )
 
 
-def _lease_hours(session: Session, study_id: int) -> float:
+def _lease_hours(session: Session, runtime: StudyRuntime) -> float:
     """Device-hours of the study: the time its leases were held (queued trials hold no device; earlier
-    segments of paused and resumed trials are in `held_seconds`), summed in the database (one aggregate)."""
+    segments of paused and resumed trials are in `held_seconds`), summed in the database (one aggregate),
+    times the devices each of its trials holds (`resources.gpus_per_trial`)."""
+    study_id = runtime.id
     now = utcnow()
     end = sa.func.coalesce(Lease.finished_at, now)
     seconds: sa.ColumnElement[Any]
@@ -362,7 +364,7 @@ def _lease_hours(session: Session, study_id: int) -> float:
         seconds = (sa.func.julianday(end) - sa.func.julianday(Lease.started_at)) * 86400.0
     total = session.scalar(sa.select(sa.func.sum(seconds + Lease.held_seconds))
                            .where(Lease.study_id == study_id, Lease.state != "queued"))
-    return round(float(total or 0.0) / 3600.0, 6)
+    return round(float(total or 0.0) * runtime.spec.resources.gpus_per_trial / 3600.0, 6)
 
 
 def _held_ids(session: Session, study_id: int) -> set[int]:

@@ -27,8 +27,9 @@ _stderr = Console(stderr=True)
 
 def run_worker(url: str, token: str | None, *, device: str, worker_id: str | None, max_trials: int | None,
                once: bool, simulated: bool, workdir: Path, idle_sleep: float, log_level: str,
-               cache_dir: Path | None = None) -> None:
-    """Train trials from the server at `url` on `device` until stopped (or until no work, with `once`)."""
+               cache_dir: Path | None = None, nproc: int = 1) -> None:
+    """Train trials from the server at `url` on `device` (and the `nproc - 1` after it) until stopped (or until
+    no work, with `once`)."""
     from rich.logging import RichHandler
 
     from tunefleet.workers.loop import HFTrainer, Trainer, WorkerLoop, default_worker_id
@@ -43,17 +44,18 @@ def run_worker(url: str, token: str | None, *, device: str, worker_id: str | Non
         trainer = SimulatedTrainer()
     else:
         importlib.import_module("tunefleet.workers.training")  # fail now, not at the first lease, without torch
-        trainer = HFTrainer(device)
+        trainer = HFTrainer(device, nproc)
     with Client(url, token) as client:
-        loop = WorkerLoop(client, trainer, worker_id=worker_id or default_worker_id(device), device=device,
-                          max_trials=max_trials, once=once, idle_sleep=idle_sleep, workdir=workdir, cache_dir=cache_dir)
+        loop = WorkerLoop(client, trainer, worker_id=worker_id or default_worker_id(device, nproc=nproc),
+                          device=device, max_trials=max_trials, once=once, idle_sleep=idle_sleep, workdir=workdir,
+                          cache_dir=cache_dir, devices=nproc)
         loop.install_signal_handlers()
         loop.run()
 
 
-def run_worker_fleet(url: str, token: str | None, indices: list[int], options: Mapping[str, Any]) -> int:
-    """One `tunefleet worker --device cuda:i` subprocess per GPU; forwards SIGTERM/SIGINT, returns the
-    worst exit status."""
+def run_worker_fleet(url: str, token: str | None, groups: list[list[int]], options: Mapping[str, Any]) -> int:
+    """One `tunefleet worker --device cuda:i` subprocess per group of GPUs (its first GPU; `options` holds its
+    --nproc); forwards SIGTERM/SIGINT, returns the worst exit status."""
     flags: list[str] = []
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
@@ -69,9 +71,9 @@ def run_worker_fleet(url: str, token: str | None, indices: list[int], options: M
         env.pop("TUNEFLEET_TOKEN_FILE", None)
     # Own sessions: a terminal's Ctrl-C reaches only this parent, which forwards it once; two signals
     # would make a child quit at once instead of re-queueing its trial.
-    children = [subprocess.Popen([sys.executable, "-m", "tunefleet", "worker", "--device", f"cuda:{i}", *flags],
-                                 env=env, start_new_session=True) for i in indices]
-    _stderr.print(f"started {len(children)} workers on GPUs {', '.join(map(str, indices))}")
+    children = [subprocess.Popen([sys.executable, "-m", "tunefleet", "worker", "--device", f"cuda:{group[0]}",
+                                  *flags], env=env, start_new_session=True) for group in groups]
+    _stderr.print(f"started {len(children)} workers on GPUs {', '.join('+'.join(map(str, g)) for g in groups)}")
 
     def forward(signum: int, _frame: Any) -> None:
         for child in children:

@@ -10,6 +10,8 @@ This module imports nothing heavy.
 
 from __future__ import annotations
 
+import traceback
+
 __all__ = [
     "DataError",
     "InvalidConfig",
@@ -18,6 +20,7 @@ __all__ = [
     "OutOfMemory",
     "TrialFailed",
     "TrialInterrupted",
+    "summarise",
 ]
 
 
@@ -68,3 +71,9 @@ class InvalidConfig(TrialFailed):
 
 class TrialInterrupted(Exception):
     """Training stopped because the worker was asked to stop (`should_stop()` returned True)."""
+
+
+def summarise(exc: BaseException, limit: int = 2000) -> str:
+    """`Type: message` first, then the innermost frames of the traceback, short enough for a fail reason."""
+    frames = "".join(traceback.format_tb(exc.__traceback__, limit=-3))
+    return f"{type(exc).__name__}: {exc}\n{frames}"[:limit]

@@ -31,7 +31,6 @@ import socket
 import subprocess
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +46,9 @@ from tunefleet.service.client import (
     NotFoundError,
     ServerUnavailable,
 )
+from tunefleet.service.spec import gpus_per_trial
 from tunefleet.workers.checkpoints import NodeCheckpoints, artifact_name, folder_digest, pack, unpack
-from tunefleet.workers.errors import TrialFailed, TrialInterrupted
+from tunefleet.workers.errors import TrialFailed, TrialInterrupted, summarise
 from tunefleet.workers.inputs import InputCache
 
 __all__ = [
@@ -119,10 +119,15 @@ class Trainer(Protocol):
 
 
 class HFTrainer:
-    """The real trainer (transformers + PEFT), imported lazily; keeps one model cache across trials."""
+    """The real trainer (transformers + PEFT), imported lazily; keeps one model cache across trials.
 
-    def __init__(self, device: str):
-        self.device = device
+    It owns `nproc` devices (`tunefleet.workers.distributed.worker_devices`): a trial of a study with
+    `resources.gpus_per_trial` N >= 2 trains on the first N of them as N DDP processes under torchrun
+    (`tunefleet.workers.distributed`); any other trial trains in this process, on the first.
+    """
+
+    def __init__(self, device: str, nproc: int = 1):
+        self.device, self.nproc = device, nproc
         self._cache: Any = None
 
     def run(
@@ -131,9 +136,20 @@ class HFTrainer:
         from tunefleet.workers.model_cache import ModelCache  # torch: only in processes that train
         from tunefleet.workers.training import run_trial
 
+        needed = gpus_per_trial(lease["spec"])
+        if needed > self.nproc:  # the server leases such trials to bigger workers only; an older one may not
+            raise TrialFailed(f"the trial needs {needed} devices (resources.gpus_per_trial) and this worker has "
+                              f"{self.nproc}: serve the study with workers started with --nproc {needed}",
+                              retryable=True)
+        resume = lease.get("resume_dir")
+        if needed > 1:
+            from tunefleet.workers.distributed import run_distributed, worker_devices
+
+            job = {"spec": lease["spec"], "params": lease["params"], "rungs": lease["rungs"], "resume_from": resume}
+            return run_distributed(job, worker_devices(self.device, self.nproc)[:needed], report, should_stop,
+                                   workdir)
         if self._cache is None:
             self._cache = ModelCache()
-        resume = lease.get("resume_dir")
         return run_trial(lease["spec"], lease["params"], lease["rungs"], report, device=self.device,
                          workdir=workdir, model_cache=self._cache, should_stop=should_stop,
                          resume_from=Path(resume) if resume else None, inputs=lease.get("inputs"))
@@ -188,7 +204,8 @@ class WorkerLoop:
     `max_trials` ends the loop after that many leased trials; `once` ends it at the first moment
     there is no work (otherwise it sleeps `idle_sleep` seconds and asks again), and raises when the
     server cannot be reached for a lease. Each trial runs in its own folder under `workdir`, removed
-    once its artifacts are uploaded.
+    once its artifacts are uploaded. `devices` is how many devices the trainer can give one trial: the
+    server leases no trial whose study needs more (`resources.gpus_per_trial`).
     """
 
     def __init__(
@@ -205,6 +222,7 @@ class WorkerLoop:
         hostname: str | None = None,
         keep_trial_dirs: bool = False,
         cache_dir: Path | None = None,
+        devices: int = 1,
     ):
         self.client = client
         self.trainer = trainer
@@ -216,6 +234,7 @@ class WorkerLoop:
         self.workdir = Path(workdir)
         self.hostname = hostname or socket.gethostname()
         self.keep_trial_dirs = keep_trial_dirs
+        self.devices = devices
         self.trials_run = 0
         # Checkpoints kept on this node (checkpoints.storage: node), shared by the node's workers: the
         # fleet gives them one work folder, so they live next to the per-worker folders.
@@ -306,7 +325,7 @@ class WorkerLoop:
             self._stopped_at = None
         while not self.shutting_down:
             try:
-                return self.client.lease(self.worker_id, self._device_info, self.hostname)
+                return self.client.lease(self.worker_id, self._device_info, self.hostname, devices=self.devices)
             except AuthError:
                 raise
             except ApiError as exc:
@@ -372,7 +391,7 @@ class WorkerLoop:
         except Exception as exc:  # a bug or an unexpected library error: report it, keep serving
             heartbeat.stop()
             log.exception("trial %s crashed", trial_id)
-            self._fail(trial_id, _summarise(exc), retryable=True, kind="crash")
+            self._fail(trial_id, summarise(exc), retryable=True, kind="crash")
             return
         seconds = time.monotonic() - started
         if outcome.paused_at is not None:
@@ -495,12 +514,6 @@ def _artifact_files(artifact_dir: Path | None) -> Iterator[tuple[Path, str]]:
             yield path, path.relative_to(root).as_posix()
 
 
-def _summarise(exc: BaseException, limit: int = 2000) -> str:
-    """`Type: message` first, then the innermost frames of the traceback, short enough for a fail reason."""
-    frames = "".join(traceback.format_tb(exc.__traceback__, limit=-3))
-    return f"{type(exc).__name__}: {exc}\n{frames}"[:limit]
-
-
 # -- devices: which device this worker trains on, described without importing torch -------------
 
 
@@ -537,6 +550,10 @@ def _nvidia_smi(args: list[str]) -> list[str]:
     return [line for line in out.stdout.splitlines() if line.strip()]
 
 
-def default_worker_id(device: str, hostname: str | None = None) -> str:
-    """`<hostname>-<device>` (e.g. `node1-cuda0`), unique per GPU of a node."""
-    return f"{hostname or socket.gethostname()}-{device.replace(':', '')}"
+def default_worker_id(device: str, hostname: str | None = None, nproc: int = 1) -> str:
+    """`<hostname>-<device>` (e.g. `node1-cuda0`), unique per GPU of a node; a worker of several GPUs is named
+    after the first and the last (`node1-cuda2-3`)."""
+    name = device.replace(":", "")
+    if device.startswith("cuda") and nproc > 1:
+        name = f"{name}-{int(device.partition(':')[2] or 0) + nproc - 1}"
+    return f"{hostname or socket.gethostname()}-{name}"

@@ -148,8 +148,10 @@ def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], re
             log.info("paused at %d%%: checkpoint %s", callback.paused_at, checkpoint)
             return TrialOutcome(False, None, None, callback.last_metrics, {}, extra, None, splits.record,
                                 paused_at=callback.paused_at, checkpoint_dir=checkpoint)
-        artifact = _save_artifact(workdir, model, tokenizer, trainer, splits.record)
-        extra["gpu_hours"] = earlier.get("gpu_hours", 0.0) + _device_hours(device, time.perf_counter() - started)
+        # Under DDP (tunefleet.workers.distributed) rank 0 saves; the others' outcomes are not used.
+        artifact = _save_artifact(workdir, model, tokenizer, trainer, splits.record) \
+            if trainer.is_world_process_zero() else None
+        extra["gpu_hours"] = _gpu_hours(earlier, started, trainer, device)
         # The test-set size lets the fidelity report put a confidence interval on tuned vs baseline.
         test_metrics = {**_strip(test, "test", metric_names), "n_examples": len(prepared.test)}
         return _completed(objectives, callback.last_metrics, test_metrics, extra, artifact, splits.record)
@@ -186,7 +188,7 @@ def _apply_evaluation(evaluation: Mapping[str, Any], prepared: Prepared) -> None
 
 
 def _completed(objectives: list[tuple[str, str]], validation: dict[str, float], test: dict[str, float],
-               extra: dict[str, float], artifact: Path, record: dict[str, Any]) -> TrialOutcome:
+               extra: dict[str, float], artifact: Path | None, record: dict[str, Any]) -> TrialOutcome:
     # An objective is a task metric on validation or a cost metric the trial measured (service.spec.COST_METRICS).
     measured = {**{k: extra[k] for k in COST_METRICS if k in extra}, **validation}
     values = [measured[metric] for metric, _ in objectives]
@@ -468,25 +470,21 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _device_hours(device: str, seconds: float) -> float:
-    """Device-hours of `seconds` on this worker's one device (a worker trains on one); 0 on CPU, where no
-    accelerator is held (train_seconds still measures the time)."""
-    return seconds / 3600 if device.startswith("cuda") else 0.0
-
-
 def _extra(train_metrics: Mapping[str, float], trainer: Any, callback: _RungCallback, loaded: Any, device: str,
            started: float, trainable: int, total_params: int, earlier: Mapping[str, float]) -> dict[str, float]:
     """The trial's counters: this segment's plus, for a resumed trial, its earlier segments' (`earlier`)."""
     train_seconds = earlier.get("train_seconds", 0.0) + float(train_metrics.get("train_runtime", 0.0))
     eval_seconds = earlier.get("eval_seconds", 0.0) + callback.eval_seconds
-    samples = earlier.get("samples_trained", 0.0) + trainer.samples_trained
+    # Each DDP rank trains its own share of every batch.
+    samples = earlier.get("samples_trained", 0.0) + trainer.samples_trained * trainer.args.world_size
     # Rung evaluations run inside train(); throughput counts training time only.
     pure_train = max(train_seconds - eval_seconds, 1e-9)
     return {
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         # device-hours of the whole trial (loading and evaluation included)
-        "gpu_hours": earlier.get("gpu_hours", 0.0) + _device_hours(device, time.perf_counter() - started),
+        "gpu_hours": _gpu_hours(earlier, started, trainer, device),
+        "world_size": float(trainer.args.world_size),  # devices (DDP ranks) the trial trained on
         "peak_memory_mb": _peak_memory_mb(device),
         "samples_trained": samples,
         "samples_per_second": samples / pure_train,
@@ -497,6 +495,14 @@ def _extra(train_metrics: Mapping[str, float], trainer: Any, callback: _RungCall
         "trainable_params": float(trainable),
         "total_params": float(total_params),
     }
+
+
+def _gpu_hours(earlier: Mapping[str, float], started: float, trainer: Any, device: str) -> float:
+    """GPU-hours of the whole trial: this segment's wall time on each of its devices (DDP ranks), plus earlier
+    segments'. 0 on CPU, where no accelerator is held (train_seconds still measures the time)."""
+    if not device.startswith("cuda"):
+        return earlier.get("gpu_hours", 0.0)
+    return earlier.get("gpu_hours", 0.0) + (time.perf_counter() - started) / 3600 * trainer.args.world_size
 
 
 def _earlier_progress(checkpoint: Path | None) -> dict[str, float]:
@@ -512,8 +518,9 @@ def _paused_checkpoint(trainer: Any, extra: Mapping[str, float]) -> Path:
     if not folder.is_dir():
         raise TrialFailed(f"the Trainer saved no checkpoint at step {trainer.state.global_step} ({folder})",
                           retryable=True)
-    progress = {k: extra[k] for k in ("train_seconds", "eval_seconds", "gpu_hours", "samples_trained")}
-    (folder / PROGRESS_FILE).write_text(json.dumps(progress))
+    if trainer.is_world_process_zero():  # the one writer of the checkpoint's files (DDP ranks share the folder)
+        progress = {k: extra[k] for k in ("train_seconds", "eval_seconds", "gpu_hours", "samples_trained")}
+        (folder / PROGRESS_FILE).write_text(json.dumps(progress))
     return folder
 
 

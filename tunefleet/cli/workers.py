@@ -28,7 +28,12 @@ def worker(
         help="Read the bearer token from this file (surrounding whitespace stripped), so it stays out of the "
              "process list. Wins over TUNEFLEET_TOKEN; with --token too it is an error.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda:N (default: cuda:0 when a GPU is visible)")] = None,
-    gpus: Annotated[str | None, typer.Option(help="'all' or '0,2': one worker process per GPU.")] = None,
+    gpus: Annotated[str | None, typer.Option(help="'all' or '0,2': one worker process per GPU (per --nproc GPUs).")
+                    ] = None,
+    nproc: Annotated[int, typer.Option(min=1, help=(
+        "Devices one worker owns: it also leases trials of studies with resources.gpus_per_trial up to N, and "
+        "trains those as DDP processes under torchrun. --device cuda:K: GPUs K..K+N-1; --device cpu: N CPU "
+        "processes (gloo); --gpus: one worker per N consecutive GPUs of the list."))] = 1,
     max_trials: Annotated[int | None, typer.Option(help="Stop after this many trials.")] = None,
     once: Annotated[bool, typer.Option("--once", help=(
         "Exit as soon as there is no work; exit with status 1 when the server cannot be reached "
@@ -58,12 +63,29 @@ def worker(
         indices = visible_gpus() if gpus == "all" else [int(g) for g in gpus.split(",") if g.strip()]
         if not indices:
             raise CliError("--gpus: no GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
-        options = {"max_trials": max_trials, "once": once, "simulated": simulated, "workdir": workdir,
-                   "cache_dir": cache_dir, "idle_sleep": idle_sleep, "log_level": log_level}
-        raise typer.Exit(run_worker_fleet(url, token, indices, options))
+        groups = _gpu_groups(indices, nproc)
+        options = {"nproc": nproc, "max_trials": max_trials, "once": once, "simulated": simulated,
+                   "workdir": workdir, "cache_dir": cache_dir, "idle_sleep": idle_sleep, "log_level": log_level}
+        raise typer.Exit(run_worker_fleet(url, token, groups, options))
     device = device or ("cuda:0" if visible_gpus() else "cpu")
-    run_worker(url, token, device=device, worker_id=worker_id, max_trials=max_trials, once=once,
+    last = int(device.partition(":")[2] or 0) + nproc - 1
+    if device.startswith("cuda") and nproc > 1 and last >= len(visible_gpus()):
+        raise CliError(f"--device {device} --nproc {nproc} needs GPUs up to cuda:{last}; {len(visible_gpus())} are "
+                       "visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
+    run_worker(url, token, device=device, nproc=nproc, worker_id=worker_id, max_trials=max_trials, once=once,
                simulated=simulated, workdir=workdir, cache_dir=cache_dir, idle_sleep=idle_sleep, log_level=log_level)
+
+
+def _gpu_groups(indices: list[int], nproc: int) -> list[list[int]]:
+    """The GPUs of each worker of `--gpus LIST --nproc N`: consecutive runs of N (a worker's GPUs are
+    cuda:K..K+N-1); raises CliError when the list does not split so."""
+    groups = [indices[i:i + nproc] for i in range(0, len(indices), nproc)]
+    for group in groups:
+        if group != list(range(group[0], group[0] + nproc)):
+            raise CliError(f"--gpus {','.join(map(str, indices))} --nproc {nproc}: each worker needs {nproc} "
+                           f"consecutive GPUs, and {','.join(map(str, group))} are not; list them in runs of "
+                           f"{nproc}, such as 0,1,2,3")
+    return groups
 
 
 def _token_from_argv(ctx: typer.Context) -> bool:
