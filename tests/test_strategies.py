@@ -139,3 +139,15 @@ def test_spend_rows_split_the_compute_and_time_the_first_configuration_that_reac
     assert row["winner_started"] == pytest.approx(worst.total_steps / steps)
     assert row["winner_finished"] == pytest.approx((worst.total_steps + best.total_steps) / steps)
     assert row["configs_before"] == 1
+
+
+def test_freeze_thaw_calibration_reports_both_models(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.freeze_thaw_calibration import main
+
+    assert main(["--table", str(TINY), "--repeats", "3"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    conversion = [line for line in lines if line.startswith(("| 20%", "| 60%"))]
+    assert len(conversion) == 10 and len(lines) == 2 + 10 + 4
+    for line in conversion:
+        c50, c90, tail = (float(x) for x in line.strip("| ").split(" | ")[2:])
+        assert 0 <= c50 <= c90 <= 1 and 0 <= tail <= 1
