@@ -732,7 +732,8 @@ def plot_regret(runs: Sequence[Run], table: ReplayTable, path: Path, title: str 
 
     curves = regret_curves(runs, table)
     grid = np.linspace(0, 1, next(iter(curves.values())).shape[1])
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 6))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # up to 20 distinguishable strategies
     for name, rows in curves.items():
         defined = np.isfinite(rows).all(axis=0)
         mean = rows.mean(axis=0)
