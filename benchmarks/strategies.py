@@ -5,7 +5,9 @@ nearest recorded configuration (`tunefleet.workers.replay`), so all strategies s
 no model is trained. Our strategies run through the real server and protocol: one study per
 (strategy, seed) on a uvicorn server in this process, one `WorkerLoop` with a `ReplayTrainer`, the
 trials read back through the client. Peers from PyPI (SMAC3's multi-fidelity facade, DEHB) run
-through a small ask/tell adapter on the same table with the same step accounting.
+through a small ask/tell adapter on the same table with the same step accounting, and so does Egele et al.'s
+baseline (random configurations screened at the lowest fidelity, the top 3 trained to 100%: `_screen_run`).
+`spend_rows` says where each strategy's compute went.
 
 Compute is optimizer steps: a budget of B full-trial equivalents is B × the mean steps of a recorded
 configuration. A trial stopped at p% of its budget costs ceil(p% × its steps). A resumed trial is charged
