@@ -1,6 +1,7 @@
 """The strategy benchmark's accounting (benchmarks/strategies.py): a paused trial's result counts when it really
-ended, peers that run out of new configurations end with their incumbent, the top-5 count; and the pausing
-strategies (ASHA, the multi-fidelity TPE) through the real server on the SYNTHETIC table."""
+ended, peers that run out of new configurations end with their incumbent, the top-5 count, where the compute
+went; the lowest-fidelity screening baseline (Egele et al.); and the pausing strategies (ASHA, the
+multi-fidelity TPE, freeze-thaw) through the real server on the SYNTHETIC table."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ from pathlib import Path
 import pytest
 
 from benchmarks.strategies import (
+    SCREEN_TOP_K,
+    STRATEGIES,
+    BenchContext,
     Evaluation,
     Run,
+    _NearestCache,
     _PeerLedger,
     evaluations_from_ledger,
     run_benchmark,
+    spend_rows,
     summarise,
     top_configurations,
 )
@@ -94,3 +100,54 @@ def test_pausing_and_multi_fidelity_strategies_run_through_the_server(table: Rep
         configurations = {tuple(sorted(e.params.items())) for e in run.evaluations}
         assert len(run.evaluations) > len(configurations), "some trial paused and was resumed later"
     assert all(e.final is None or e.test is not None for e in run.evaluations)
+
+
+@pytest.mark.parametrize("name", ["screen-top3", "screen10-top3"])
+def test_screening_baseline_finishes_the_top_k_of_its_screen_within_the_budget(table: ReplayTable, name: str,
+                                                                                tmp_path: Path) -> None:
+    budget = 6 * table.mean_total_steps()
+    evaluations = STRATEGIES[name].run(table, 0, budget, BenchContext(None, tmp_path))
+    screens, finals = evaluations[:-SCREEN_TOP_K], evaluations[-SCREEN_TOP_K:]
+    assert all(e.final is None for e in screens) and all(e.final is not None for e in finals)
+    assert len(screens) > 2 * SCREEN_TOP_K and evaluations[-1].steps_end <= budget, "as many as the budget allows"
+    pct = 20.0 if name == "screen-top3" else 10.0
+    nearest = _NearestCache(table)
+    records = {r.index: r for r in table.records}
+    at_screen = sorted((records[nearest(e.params)].value_at(pct) for e in screens), reverse=True)
+    kept = [records[nearest(e.params)] for e in finals]
+    assert sorted((r.value_at(pct) for r in kept), reverse=True) == at_screen[:SCREEN_TOP_K]
+    for before, e, record in zip([evaluations[-SCREEN_TOP_K - 1], *finals], finals, kept, strict=False):
+        assert e.steps_end - before.steps_end == record.total_steps - record.steps_at(pct), "charged the rest only"
+
+
+def test_spend_rows_split_the_compute_and_time_the_first_configuration_that_reaches_the_target(
+        table: ReplayTable) -> None:
+    best = max(table.complete, key=table.final)
+    worst = min(table.complete, key=table.final)
+    steps = 4 * table.mean_total_steps()
+    first = best.steps_at(20)
+    run = Run("x", 0, steps, [
+        Evaluation(worst.total_steps, table.final(worst), 0.1, dict(worst.params)),  # from scratch to 100%
+        Evaluation(worst.total_steps + first, None, None, dict(best.params)),  # paused at 20%
+        Evaluation(worst.total_steps + best.total_steps, table.final(best), 0.9, dict(best.params)),  # resumed
+    ])
+    (row,) = spend_rows([run], table, target=table.final(best))
+    assert row["scratch"] == pytest.approx(worst.total_steps / steps)
+    assert row["first"] == pytest.approx(first / steps)
+    assert row["resumed"] == pytest.approx((best.total_steps - first) / steps) and row["middle"] == 0
+    assert row["below"] == pytest.approx(worst.total_steps / steps)
+    assert row["winner_started"] == pytest.approx(worst.total_steps / steps)
+    assert row["winner_finished"] == pytest.approx((worst.total_steps + best.total_steps) / steps)
+    assert row["configs_before"] == 1
+
+
+def test_freeze_thaw_calibration_reports_both_models(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.freeze_thaw_calibration import main
+
+    assert main(["--table", str(TINY), "--repeats", "3"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    conversion = [line for line in lines if line.startswith(("| 20%", "| 60%"))]
+    assert len(conversion) == 10 and len(lines) == 2 + 10 + 4
+    for line in conversion:
+        c50, c90, tail = (float(x) for x in line.strip("| ").split(" | ")[2:])
+        assert 0 <= c50 <= c90 <= 1 and 0 <= tail <= 1
