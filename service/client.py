@@ -26,7 +26,7 @@ import hashlib
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -327,8 +327,10 @@ class Client:
 
     # -- the worker protocol --------------------------------------------------------------------
 
-    def lease(self, worker_id: str, device: Mapping[str, Any], hostname: str) -> dict[str, Any] | None:
-        """POST /leases: the next trial to run, or None when no study has work (204).
+    def lease(self, worker_id: str, device: Mapping[str, Any], hostname: str,
+              tasks: Sequence[str] | None = None) -> dict[str, Any] | None:
+        """POST /leases: the next trial to run, or None when no study has work (204). `tasks`: the study tasks
+        this worker runs (None: the built-in ones; `tunefleet agent` runs ``script``).
 
         One request id per call, reused by this call's retries, so a lease whose answer was lost is
         handed back again instead of leaking a second trial. The answer's `lease_token` is kept: the
@@ -336,6 +338,8 @@ class Client:
         """
         body = {"worker_id": worker_id, "request_id": str(uuid.uuid4()), "device": dict(device),
                 "hostname": hostname}
+        if tasks is not None:
+            body["tasks"] = list(tasks)
         leased = self._json("POST", "/leases", json=body)
         if leased is not None:
             self._lease_tokens[leased["trial_id"]] = leased["lease_token"]

@@ -9,7 +9,7 @@ from typing import Annotated, Any, ClassVar, Generic, Literal, NamedTuple, TypeV
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from tunefleet.service.spec import FailureKind, ReportAction
+from tunefleet.service.spec import FailureKind, ReportAction, StudyTask
 
 __all__ = [
     "ArtifactOut", "CheckpointRef", "CompleteIn", "EnqueueIn", "ErrorItem", "ErrorOut", "FailIn", "HeartbeatIn",
@@ -235,6 +235,9 @@ class LeaseIn(_In):
     request_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[!-~]+$")
     device: dict[str, Any] = Field(default_factory=dict)
     hostname: str = Field("", max_length=200)
+    tasks: list[StudyTask] | None = Field(
+        None, min_length=1, description="the study tasks this worker runs (`tunefleet agent` sends [\"script\"]); "
+        "leases come only from studies of these tasks. Default: every built-in task, not script")
 
 
 _SHA256 = r"^[0-9a-f]{64}$"

@@ -11,7 +11,7 @@ import difflib
 import math
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -21,6 +21,8 @@ __all__ = [
     "TASK_METRICS",
     "TRAINING_DEFAULTS",
     "TRAINING_PARAMS",
+    "BUILTIN_TASKS",
+    "COST_METRICS",
     "BudgetSpec",
     "CategoricalParam",
     "CheckpointSpec",
@@ -38,6 +40,7 @@ __all__ = [
     "SearchSpec",
     "SpecError",
     "StudySpec",
+    "StudyTask",
     "TaskName",
     "WarmStartSpec",
     "checkpoint_storage",
@@ -49,6 +52,10 @@ __all__ = [
 # The names below are spelled once each: the spec's fields take these Literal types (so the JSON schema
 # lists the choices and a wrong name is refused with them), and the other catalogues are keyed by them.
 TaskName = Literal["sequence-classification", "token-classification", "causal-lm"]
+# The tasks the built-in worker trains; `script` studies run the user's own program under `tunefleet agent`
+# (any parameters, any metrics). A lease request names the tasks its worker runs (LeaseIn.tasks).
+BUILTIN_TASKS: tuple[TaskName, ...] = get_args(TaskName)
+StudyTask = Literal[TaskName, "script"]
 # Keys of tunefleet.service.search.SAMPLERS / PRUNERS, the builders (tests/test_catalogues.py pins them).
 SamplerName = Literal["tpe", "mf-tpe", "gp", "random", "grid", "cmaes", "nsga2"]
 PrunerName = Literal["hyperband", "successive_halving", "median", "asha", "freeze-thaw", "none"]
@@ -74,6 +81,10 @@ TASK_METRICS: dict[TaskName, tuple[str, ...]] = {
     "token-classification": ("entity_f1", "entity_precision", "entity_recall", "token_accuracy", "loss"),
     "causal-lm": ("exact_match", "attribute_f1", "attribute_precision", "attribute_recall", "loss"),
 }
+
+# What running a trial cost, measured by whoever runs it (the worker or `tunefleet agent`) and sent with the
+# result; an objective may name one of them (accuracy against gpu_hours, say).
+COST_METRICS: tuple[str, ...] = ("train_seconds", "gpu_hours", "peak_memory_mb", "samples_per_second")
 
 # Training parameters a worker understands, searchable or fixed: the kind of value each takes ("str"
 # parameters are categorical-only) and the value a worker uses when a study neither fixes nor searches it.
@@ -271,6 +282,8 @@ def checkpoint_storage(spec: Mapping[str, Any], params: Mapping[str, Any]) -> st
     storage = str((spec.get("checkpoints") or {}).get("storage", "auto"))
     if storage != "auto":
         return storage
+    if spec.get("task") == "script":
+        return "upload"  # a script's checkpoint is whatever it writes: any agent can resume it
     method = params.get("method", (spec.get("fixed") or {}).get("method", TRAINING_DEFAULTS["method"]))
     return "node" if method == "full" else "upload"
 
@@ -289,10 +302,12 @@ class StudySpec(_Strict):
     project: str = Field("default", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
                          description="the project the study belongs to: who may see and change it (see docs/api.md)")
     description: str = ""
-    model: str = Field(min_length=1, description="hub id or local path of the base model")
+    model: str | None = Field(None, min_length=1, description="hub id or local path of the base model (required "
+                              "by the built-in tasks; a script study may name the model its script trains)")
     tokenizer: str | None = None
-    task: TaskName
-    data: DataSpec
+    task: StudyTask
+    data: DataSpec | None = Field(None, description="the examples (required by the built-in tasks; a script "
+                                  "study's script reads its own)")
     objective: Objectives
     search_space: dict[str, Param] = Field(min_length=1)
     fixed: dict[str, Any] = Field(default_factory=dict)
@@ -317,23 +332,28 @@ class StudySpec(_Strict):
     def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Cross-field problems pydantic's per-field checks cannot see, each as (field path, message)."""
         problems: list[tuple[tuple[str | int, ...], str]] = []
+        script = self.task == "script"
         for name, param in self.search_space.items():
-            msg = _param_name_problem(name)
+            msg = _script_param_problem(name) if script else _param_name_problem(name)
             if msg:
                 problems.append((("search_space", name), msg))
                 continue
+            if script:
+                continue  # a script's parameters take whatever values its search space says
             kind = TRAINING_PARAMS[name]
             if kind == "str" and not isinstance(param, CategoricalParam):
                 problems.append((("search_space", name), f"{name} takes names: use type: categorical with choices"))
             if kind == "int" and isinstance(param, FloatParam):
                 problems.append((("search_space", name, "type"), f"{name} is an integer: use type: int"))
         for name in self.fixed:
-            msg = _param_name_problem(name)
+            msg = _script_param_problem(name) if script else _param_name_problem(name)
             if msg:
                 problems.append((("fixed", name), msg))
-        metrics = TASK_METRICS[self.task]
+        problems.extend(((field,), f"required by task {self.task}: add it (only task: script may leave it out)")
+                        for field in ("model", "data") if not script and getattr(self, field) is None)
+        metrics = None if self.task == "script" else TASK_METRICS[self.task]  # a script reports any metric
         for i, objective in enumerate(self.objectives):
-            if objective.metric not in metrics:
+            if metrics is not None and objective.metric not in metrics:
                 loc: tuple[str | int, ...] = ("objective", i, "metric") if self.multi_objective else (
                     "objective", "metric")
                 problems.append((loc, f"metric {objective.metric!r} is not produced by task {self.task}; "
@@ -404,6 +424,18 @@ class StudySpec(_Strict):
         if not rungs or rungs[-1] != 100:
             rungs.append(100)
         return sorted(set(rungs))
+
+
+_SCRIPT_PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _script_param_problem(name: str) -> str | None:
+    """A script's parameters become environment variables (TUNEFLEET_PARAM_<NAME>) and `{name}` placeholders
+    of its command line, so their names are identifiers."""
+    if _SCRIPT_PARAM_NAME.match(name):
+        return None
+    return (f"parameter name {name!r} cannot name an environment variable (TUNEFLEET_PARAM_<NAME>) or a {{name}} "
+            "placeholder: use letters, digits and _, not starting with a digit")
 
 
 def _param_name_problem(name: str) -> str | None:
