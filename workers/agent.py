@@ -119,7 +119,9 @@ class ScriptTrainer:
         checkpoint.mkdir(parents=True, exist_ok=True)
         params_file = workdir / "params.json"
         params_file.write_text(json.dumps(params, indent=2), encoding="utf-8")
-        with _Channel(lease["rungs"], report, objectives[0], should_stop) as channel:
+        # A resumed trial continues after the rung its checkpoint was taken at: its next report is past it.
+        resumed_at = int((lease.get("resume") or {}).get("step") or 0) if lease.get("resume_dir") else 0
+        with _Channel(lease["rungs"], report, objectives[0], should_stop, resumed_at) as channel:
             variables = {protocol.ENV_TRIAL_ID: str(trial_id), protocol.ENV_PARAMS_FILE: str(params_file),
                          protocol.ENV_OBJECTIVE: objectives[0], protocol.ENV_AGENT_URL: channel.url,
                          protocol.ENV_AGENT_TOKEN: channel.token, protocol.ENV_CHECKPOINT_DIR: str(checkpoint)}
@@ -282,7 +284,8 @@ class _Channel:
     Reports are mapped to percents of the budget (`step` / `max_step`) and the first at or past each of the
     study's `rungs` is relayed to the server through `relay`; the others are answered continue at once."""
 
-    def __init__(self, rungs: Sequence[int], relay: ReportFn, objective: str, should_stop: Callable[[], bool]):
+    def __init__(self, rungs: Sequence[int], relay: ReportFn, objective: str, should_stop: Callable[[], bool],
+                 resumed_at: int = 0):
         self.rungs, self.relay, self.objective, self.should_stop = sorted(rungs), relay, objective, should_stop
         self.token = secrets.token_urlsafe(24)
         self.changed = threading.Event()  # set when a report is answered prune or pause
@@ -290,7 +293,7 @@ class _Channel:
         self.action_rung = 0
         self.answered_at = 0.0
         self.samples: float | None = None
-        self._relayed = 0  # the last rung relayed
+        self._relayed = resumed_at  # the last rung relayed
         self._reported: dict[str, float] = {}
         self._completed: dict[str, float] | None = None
         self._lock = threading.Lock()
