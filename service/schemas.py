@@ -237,7 +237,7 @@ class LeaseIn(_In):
     hostname: str = Field("", max_length=200)
     tasks: list[StudyTask] | None = Field(
         None, min_length=1, description="the study tasks this worker runs (`tunefleet agent` sends [\"script\"]); "
-        "leases come only from studies of these tasks. Default: every built-in task, not script")
+        "it is leased trials of studies of these tasks only. Default: every built-in task, not script")
 
 
 _SHA256 = r"^[0-9a-f]{64}$"

@@ -16,13 +16,13 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "COST_METRICS",
     "MULTI_OBJECTIVE_SAMPLERS",
     "PAUSING_PRUNERS",
     "TASK_METRICS",
     "TRAINING_DEFAULTS",
     "TRAINING_PARAMS",
     "BUILTIN_TASKS",
-    "COST_METRICS",
     "BudgetSpec",
     "CategoricalParam",
     "CheckpointSpec",
@@ -82,8 +82,10 @@ TASK_METRICS: dict[TaskName, tuple[str, ...]] = {
     "causal-lm": ("exact_match", "attribute_f1", "attribute_precision", "attribute_recall", "loss"),
 }
 
-# What running a trial cost, measured by whoever runs it (the worker or `tunefleet agent`) and sent with the
-# result; an objective may name one of them (accuracy against gpu_hours, say).
+# What a trial costs, measured by the worker itself for every task (reported in the trial's `extra`): wall
+# seconds of training, device-hours (seconds × devices / 3600; 0 on CPU), peak memory in MiB (CUDA's peak
+# allocation, or the process's peak resident set on CPU) and training samples per second. Objectives and
+# constraints may name them besides the task's metrics; cost metrics are usually minimized.
 COST_METRICS: tuple[str, ...] = ("train_seconds", "gpu_hours", "peak_memory_mb", "samples_per_second")
 
 # Training parameters a worker understands, searchable or fixed: the kind of value each takes ("str"

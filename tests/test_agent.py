@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from tests.conftest import LiveServer
 from tunefleet.service.client import Client
@@ -20,7 +21,7 @@ from tunefleet.service.spec import COST_METRICS, parse_spec_text
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "byo"
 # The agent's log line when it stopped a pruned trial's process (workers/agent.py).
-STOPPED = re.compile(r"trial (\d+): process stopped ([\d.]+) s after the prune answer \((SIG\w+)\)")
+STOPPED = re.compile(r"trial (\d+): process stopped ([\d.]+) s after the prune answer \(([^)]+)\)")
 
 
 def run_agent(url: str, command: list[str], workdir: Path, *options: str, env: dict[str, str] | None = None,
@@ -43,7 +44,8 @@ def trials_by_id(client: Client, study_id: int) -> dict[int, dict[str, Any]]:
 
 
 def stopped(agent: subprocess.CompletedProcess[str]) -> dict[int, tuple[float, str]]:
-    """Trial id -> (seconds from the prune answer to the process's end, the signal that ended it)."""
+    """Trial id -> (seconds from the prune answer to the process's end, the signal that ended it or "it exited
+    by itself")."""
     return {int(m[1]): (float(m[2]), m[3]) for m in STOPPED.finditer(" ".join(agent.stderr.split()))}
 
 
@@ -71,8 +73,8 @@ def test_a_plain_pytorch_script_completes_and_a_pruned_one_is_stopped(server: Li
         assert pruned["state"] == "PRUNED" and list(pruned["intermediate_values"]) == ["20"]
         assert pruned["intermediate_values"]["20"] > baseline["intermediate_values"]["20"]
         assert "epoch 2" not in client.download_artifact(bad["id"], "logs/stdout.log").decode()
-        seconds, _ = stopped(agent)[bad["id"]]
-        print(f"pruned PyTorch script stopped {seconds:.3f} s after the prune answer")
+        seconds, how = stopped(agent)[bad["id"]]
+        print(f"pruned PyTorch script ended {seconds:.3f} s after the prune answer ({how})")
         assert seconds < 2.0
         assert client.get_study(study["id"])["state"] == "completed"
 
@@ -156,3 +158,40 @@ def test_the_agent_stops_a_script_that_ignores_prune_and_maps_exit_statuses(serv
         assert b"cannot open data/train.csv" in client.download_artifact(crashed["id"], "logs/stderr.log")
         assert silent["state"] == "FAIL" and "without reporting x" in silent["fail_reason"]
         assert silent["user_attrs"]["fail_kind"] == "config"
+
+
+# Pauses as the SDK says (its checkpoint: the epoch it reached) and resumes from there.
+PAUSABLE = '''
+import sys
+from tunefleet import sdk
+
+x = sdk.params()["x"]
+first = int((sdk.resume_dir() / "epoch").read_text()) + 1 if sdk.resume_dir() else 1
+print(f"starting at epoch {first}")
+for epoch in range(first, 6):
+    action = sdk.report(epoch, x * epoch, max_step=5)
+    if action == "pause":
+        (sdk.checkpoint_dir() / "epoch").write_text(str(epoch))
+    if action != "continue":
+        sys.exit(0)
+'''
+
+
+def test_a_paused_script_resumes_from_its_own_checkpoint(server: LiveServer, tmp_path: Path) -> None:
+    """ASHA pauses the second trial at each rung below the last (two trials: nobody is in the top 1/3), and
+    resumes it when nothing else can run; each segment continues from the checkpoint the script wrote."""
+    script = tmp_path / "pausable.py"
+    script.write_text(PAUSABLE)
+    spec = {"name": "pausable", "task": "script", "objective": {"metric": "score", "direction": "maximize"},
+            "search_space": {"x": {"type": "float", "low": 0, "high": 1}}, "baseline": {"x": 0.5},
+            "search": {"sampler": "random", "pruner": "asha"}, "budget": {"max_trials": 2}}
+    with Client(server.url) as client:
+        study = client.create_study(spec)
+        second = client.enqueue_trial(study["id"], {"x": 0.4})["id"]
+        agent = run_agent(server.url, [sys.executable, str(script)], tmp_path / "work")
+        assert agent.returncode == 0, agent.stderr
+
+        trial = client.get_trial(second)
+        assert trial["state"] == "COMPLETE" and trial["value"] == pytest.approx(2.0)  # 0.4 × epoch 5
+        assert trial["resumes"] == 2 and sorted(map(int, trial["intermediate_values"])) == [20, 60, 100]
+        assert "starting at epoch 4" in client.download_artifact(second, "logs/stdout.log").decode()

@@ -135,22 +135,20 @@ class ScriptTrainer:
 
     def _supervise(self, trial_id: int, run: _Run, channel: _Channel, should_stop: Callable[[], bool]) -> str | None:
         """Wait for the process to end; stop it on a prune or pause answer, or when training must stop.
-        Returns what stopped it ("prune", "pause", "stop"), None when it ended by itself."""
-        while run.alive():
+        Returns what stopped it ("prune", "pause", "stop"), None when it ended by itself before any of them
+        (a script often exits right after a prune or pause answer: that is still a prune or a pause)."""
+        while run.alive() and channel.action is None:
             if should_stop():
                 run.stop(self.grace_seconds)
                 return "stop"
-            if channel.action == "prune":
-                signal_name = run.stop(self.grace_seconds)
-                log.info("trial %s: process stopped %.2f s after the prune answer (%s)", trial_id,
-                         time.monotonic() - channel.answered_at, signal_name)
-                return "prune"
-            if channel.action == "pause":
-                if not run.wait(self.grace_seconds):  # time to write the checkpoint and exit by itself
-                    run.stop(self.grace_seconds)
-                return "pause"
             channel.changed.wait(SAMPLE_SECONDS)
-        return None
+        if channel.action == "prune":
+            how = run.stop(self.grace_seconds) if run.alive() else "it exited by itself"
+            log.info("trial %s: process stopped %.2f s after the prune answer (%s)", trial_id,
+                     time.monotonic() - channel.answered_at, how)
+        elif channel.action == "pause" and not run.wait(self.grace_seconds):  # time to write its checkpoint
+            run.stop(self.grace_seconds)
+        return channel.action
 
     def _costs(self, run: _Run, samples: float | None) -> dict[str, float]:
         seconds = run.seconds
