@@ -60,10 +60,10 @@ def model_card(study: Mapping[str, Any], trial: Mapping[str, Any], baseline: Map
     spec = study.get("spec") or {}
     objectives = spec.get("objective")
     has_adapter = any(name.startswith("adapter/") for name in files)
-    lines = ["---", f"base_model: {spec.get('model', 'unknown')}",
+    lines = ["---", f"base_model: {spec.get('model') or 'unknown'}",  # a script study may name no model
              *(["library_name: peft"] if has_adapter else []), "tags: [tunefleet, optuna]", "---", "",
              f"# {study['name']}: best trial #{trial.get('number')}", "",
-             f"Fine-tuned from `{spec.get('model')}` for {spec.get('task')}, selected by tunefleet study "
+             f"Fine-tuned from `{spec.get('model') or 'unknown'}` for {spec.get('task')}, selected by tunefleet study "
              f"{study['name']} (id {study['id']}) out of {study.get('trials_used', '?')} trials.", "",
              f"- objective: `{json.dumps(objectives)}`",
              f"- value: {fmt(trial.get('value') if trial.get('value') is not None else trial.get('values'))}",
