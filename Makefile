@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(FIND) "torch==2.13.0"
-	$(PY) -m pip install -q $(FIND) -e ".[worker,demo,dev,bench]"
+	$(PY) -m pip install -q $(FIND) -e ".[worker,demo,dev,bench,s3]"
 	touch $(STAMP)
 
 install: $(STAMP)

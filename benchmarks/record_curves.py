@@ -274,7 +274,7 @@ def record_one(index: int, params: dict[str, Any], spec: dict[str, Any], rungs: 
         train_seconds=round(float(extra["train_seconds"]), 2),
         eval_seconds=round(float(extra["eval_seconds"]), 2),
         wall_seconds=round(time.perf_counter() - started, 2),
-        train_samples_per_second=round(float(extra["train_samples_per_second"]), 2),
+        train_samples_per_second=round(float(extra["samples_per_second"]), 2),
         data_splits=outcome.data_splits,
     )
     return record

@@ -3,7 +3,7 @@
 Trains all-MiniLM-L6-v2 with LoRA r=8 (query, value), lr 5e-4, batch 16, 128 tokens, 1 epoch on the
 first N BBC News training articles (demo data), twice:
   (a) through `tunefleet.workers.training.run_trial` with a no-op report (rungs 20/60/100: their evaluations are
-      timed and excluded from its throughput, as `extra["train_samples_per_second"]` does);
+      timed and excluded from its throughput, as `extra["samples_per_second"]` does);
   (b) through a plain `Trainer` written out below, with no evaluation.
 Then loads the base model through a fresh `ModelCache` three times (first from disk, then cached).
 With --demo it also times whole demo trials (tunefleet.demo.data.demo_spec, rungs 20/60/100, no pruning).
@@ -49,7 +49,7 @@ def via_run_trial(data_dir: Path, train_size: int, workdir: Path) -> dict[str, f
                      "max_eval_samples": 100},
             "objective": {"metric": "accuracy"}, "fixed": {**CONFIG, "train_size": train_size}, "seed": 0}
     out = run_trial(spec, {}, [20, 60, 100], lambda *_: False, workdir=workdir, model_cache=ModelCache())
-    return {"samples_per_s": out.extra["train_samples_per_second"], "train_s": out.extra["train_seconds"],
+    return {"samples_per_s": out.extra["samples_per_second"], "train_s": out.extra["train_seconds"],
             "eval_s": out.extra["eval_seconds"], "accuracy": out.validation_metrics["accuracy"]}
 
 

@@ -1,10 +1,10 @@
-"""The artifact store: trained adapters and logs on a filesystem path (a local disk or a shared mount)."""
+"""Trial artifacts (adapters, models, logs, pause checkpoints): their names, records and limits. The bytes live
+in the server's store (`service/stores.py`: a local folder or S3-compatible object storage) under the key
+`<study id>/<trial id>/<name>`, which `tf_artifacts.path` records."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,13 +14,14 @@ from sqlalchemy.orm import Session
 from tunefleet.service.auth import check_lease_token
 from tunefleet.service.errors import Conflict, InvalidInput, NotFound
 from tunefleet.service.schemas import ArtifactOut, printable, text_problem
+from tunefleet.service.stores import LocalStore
 from tunefleet.service.tables import Artifact, Lease, utcnow
 
 if TYPE_CHECKING:
     from tunefleet.service.backend import Backend
 
-__all__ = ["CHECKPOINT_FOLDER", "ArtifactStore", "artifact_path", "check_name_free", "clean_name", "delete_checkpoints",
-           "find_artifact", "list_artifacts", "record_artifact"]
+__all__ = ["CHECKPOINT_FOLDER", "artifact_chunks", "artifact_key", "check_name_free", "clean_name",
+           "delete_checkpoints", "find_artifact", "list_artifacts", "record_artifact"]
 
 MAX_PART_BYTES = 255  # a file or folder name on ext4, XFS, NFS
 MAX_NAME_BYTES = 500  # tf_artifacts.name is a VARCHAR(500)
@@ -105,29 +106,16 @@ def check_name_free(backend: Backend, trial_id: int, name: str) -> str:
     return name
 
 
-class ArtifactStore:
-    def __init__(self, root: Path):
-        self.root = root
-
-    def path_for(self, study_id: int, trial_id: int, name: str) -> Path:
-        return self.root / str(study_id) / str(trial_id) / clean_name(name)
-
-    def incoming(self) -> tuple[int, Path]:
-        """A temp file on the store's own filesystem, so the final move is an atomic rename."""
-        folder = self.root / ".incoming"
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="upload-")
-        return fd, Path(tmp)
-
-    def delete_study(self, study_id: int) -> None:
-        shutil.rmtree(self.root / str(study_id), ignore_errors=True)
+def artifact_key(study_id: int, trial_id: int, name: str) -> str:
+    """Where the store keeps a trial's artifact."""
+    return f"{study_id}/{trial_id}/{clean_name(name)}"
 
 
 # ---- artifact records ------------------------------------------------------------------------------------
 
 def record_artifact(backend: Backend, trial_id: int, token: str | None, name: str, tmp: Path, sha256: str,
                     size: int) -> ArtifactOut:
-    """Move an uploaded file into place and record it; uploading the same name again replaces it. Only the
+    """Put an uploaded file into the store and record it; uploading the same name again replaces it. Only the
     holder of the trial's lease token may upload (Forbidden otherwise); a name clashing with another
     artifact (a file where a folder is, or the reverse) is a Conflict, and nothing is written then."""
     name = clean_name(name)
@@ -137,21 +125,21 @@ def record_artifact(backend: Backend, trial_id: int, token: str | None, name: st
             tmp.unlink(missing_ok=True)
             raise NotFound(f"trial {trial_id} has no lease; artifacts belong to leased trials")
         check_lease_token(lease, token)
-        path = backend.artifacts.path_for(lease.study_id, trial_id, name)
-        clash = _clash(session, trial_id, name, path)
+        key = artifact_key(lease.study_id, trial_id, name)
+        store = backend.store
+        clash = _clash(session, trial_id, name, store.path(key) if isinstance(store, LocalStore) else None)
         if clash:
             raise Conflict(clash)
         _check_trial_total(backend, session, trial_id, name, size)
         row = session.scalar(sa.select(Artifact).where(Artifact.trial_id == trial_id, Artifact.name == name))
         if row is None:
-            row = Artifact(trial_id=trial_id, study_id=lease.study_id, name=name, path=str(path), size=size,
+            row = Artifact(trial_id=trial_id, study_id=lease.study_id, name=name, path=key, size=size,
                            sha256=sha256)
             session.add(row)
         else:
-            row.path, row.size, row.sha256, row.created_at = str(path), size, sha256, utcnow()
-        session.flush()  # the record first: if the move fails, the transaction rolls back
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, path)
+            row.path, row.size, row.sha256, row.created_at = key, size, sha256, utcnow()
+        session.flush()  # the record first: if storing fails, the transaction rolls back
+        store.put(key, tmp)
         return ArtifactOut(name=row.name, size=row.size, sha256=row.sha256, created_at=row.created_at)
 
 
@@ -173,14 +161,19 @@ def list_artifacts(backend: Backend, trial_id: int) -> list[ArtifactOut]:
         return [ArtifactOut(name=r.name, size=r.size, sha256=r.sha256, created_at=r.created_at) for r in rows]
 
 
-def artifact_path(backend: Backend, trial_id: int, name: str) -> Path:
+def artifact_chunks(backend: Backend, trial_id: int, name: str) -> tuple[Iterator[bytes], int]:
+    """The artifact's bytes as a stream from the store, and its size; NotFound when there is no such artifact
+    (or its object is gone from the store)."""
     with backend.session() as session:
         row = session.scalar(sa.select(Artifact).where(Artifact.trial_id == trial_id,
                                                        Artifact.name == clean_name(name)))
-        if row is None or not Path(row.path).exists():
-            raise NotFound(f"trial {trial_id} has no artifact {name!r}: "
-                           f"list them with GET /trials/{trial_id}/artifacts")
-        return Path(row.path)
+        key, size = (row.path, row.size) if row is not None else (None, 0)
+    try:
+        if key is not None:
+            return backend.store.chunks(key), size
+    except FileNotFoundError:
+        pass
+    raise NotFound(f"trial {trial_id} has no artifact {name!r}: list them with GET /trials/{trial_id}/artifacts")
 
 
 def find_artifact(session: Session, trial_id: int, name: str) -> Artifact | None:
@@ -194,9 +187,9 @@ def delete_checkpoints(backend: Backend, trial_id: int, keep: str | None = None)
         rows = session.scalars(sa.select(Artifact).where(
             Artifact.trial_id == trial_id, Artifact.name.startswith(CHECKPOINT_FOLDER + "/"))).all()
         doomed = [row for row in rows if row.name != keep]
-        paths = [Path(row.path) for row in doomed]
+        keys = [row.path for row in doomed]
         for row in doomed:
             session.delete(row)
-    for path in paths:
-        path.unlink(missing_ok=True)
-    return len(paths)
+    for key in keys:
+        backend.store.delete(key)
+    return len(keys)

@@ -17,13 +17,16 @@ from tunefleet.service.db import check_database, make_engine, transaction
 from tunefleet.service.errors import AuthError, Conflict, Forbidden, InvalidInput, NotFound
 from tunefleet.service.tables import Grant, Lease, Project, Token, utcnow
 
-__all__ = ["ACCESS", "LEASE_TOKEN_HEADER", "ROLES", "Principal", "add_project", "authenticate", "check_lease_token",
-           "create_project", "create_token", "issue_token", "new_lease_token", "project_id", "require_role",
-           "revoke_token"]
+__all__ = ["ACCESS", "LEASE_TOKEN_HEADER", "MIN_TOKEN_LENGTH", "ROLES", "Principal", "add_project", "authenticate",
+           "check_lease_token", "create_project", "create_token", "issue_token", "new_lease_token", "new_token_secret",
+           "project_id", "register_token", "require_role", "revoke_token"]
 
 ROLES = ("admin", "user", "worker")
 ACCESS = ("read", "write")
 TOKEN_PREFIX = "tf_"
+# A secret given to `register_token` (one an operator generated, e.g. `openssl rand -hex 32`) must be at
+# least this long: 32 characters of hex carry 128 bits.
+MIN_TOKEN_LENGTH = 32
 
 
 class Principal:
@@ -55,20 +58,26 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def issue_token(session: Session, name: str, role: str,
-                projects: Mapping[str, str] | None = None) -> tuple[Token, str]:
-    """A new token with its grants (project name -> ``read`` or ``write``); returns the row and the secret."""
+def issue_token(session: Session, name: str, role: str, projects: Mapping[str, str] | None = None,
+                plain: str | None = None) -> tuple[Token, str]:
+    """A new token with its grants (project name -> ``read`` or ``write``); returns the row and the secret
+    (`plain`, when the caller brings one, else a new one)."""
     if role not in ROLES:
         raise InvalidInput(f"unknown role {role!r}: use one of {', '.join(ROLES)}",
                            [{"loc": ["body", "role"], "msg": f"use one of {', '.join(ROLES)}", "type": "value_error"}])
     # A user token without grants works in the shared project "default" (as tokens made before projects do).
     grants = _grants(session, role, projects or ({"default": "write"} if role == "user" else {}))
-    plain = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    plain = plain or new_token_secret()
     row = Token(name=name, role=role, token_hash=hash_token(plain))
     session.add(row)
     session.flush()
     session.add_all(Grant(token_id=row.id, project_id=project_id, access=access) for project_id, access in grants)
     return row, plain
+
+
+def new_token_secret() -> str:
+    """A new API token secret (256 random bits), not yet stored anywhere."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
 def _grants(session: Session, role: str, projects: Mapping[str, str]) -> list[tuple[int, str]]:
@@ -125,6 +134,36 @@ def create_token(settings: Settings, name: str, role: str, projects: Mapping[str
     with _direct_session(settings) as session:
         _, plain = issue_token(session, name, role, projects)
     return plain
+
+
+def register_token(settings: Settings, name: str, role: str, plain: str) -> bool:
+    """Make the database accept `plain` (a secret made elsewhere: a token file, a Kubernetes Secret) as a
+    token of `role`, directly, as `tunefleet token bootstrap` does; True when it was added, False when it
+    was there already. Idempotent, so a bootstrap step can run at every start.
+
+    Raises InvalidInput for an unknown role or a secret shorter than MIN_TOKEN_LENGTH, and Conflict when the
+    database knows the secret with another role or as revoked: a revoked token is never brought back."""
+    if len(plain) < MIN_TOKEN_LENGTH or any(c.isspace() for c in plain):
+        raise InvalidInput(f"a token must be one word of at least {MIN_TOKEN_LENGTH} characters (e.g. "
+                           "`openssl rand -hex 32`)")
+    try:
+        with _direct_session(settings) as session:
+            return _register(session, name, role, plain)
+    except sa.exc.IntegrityError:  # another bootstrap registered the same secret between our read and write
+        with _direct_session(settings) as session:
+            return _register(session, name, role, plain)
+
+
+def _register(session: Session, name: str, role: str, plain: str) -> bool:
+    row = session.scalar(sa.select(Token).where(Token.token_hash == hash_token(plain)))
+    if row is None:
+        issue_token(session, name, role, plain=plain)
+        return True
+    if row.revoked_at is not None:
+        raise Conflict(f"token {row.name!r} (id {row.id}) was revoked: write a new secret in its place")
+    if row.role != role:
+        raise Conflict(f"this secret is token {row.name!r} (id {row.id}) with role {row.role}, not {role}")
+    return False
 
 
 def add_project(settings: Settings, name: str) -> int:

@@ -22,13 +22,13 @@ import sqlalchemy as sa
 from optuna.distributions import BaseDistribution
 from sqlalchemy.orm import Session, sessionmaker
 
-from tunefleet.service.artifacts import ArtifactStore
 from tunefleet.service.config import Settings
 from tunefleet.service.db import engine_kwargs, make_engine, transaction
 from tunefleet.service.errors import NotFound
 from tunefleet.service.search import build_pruner, build_sampler, distributions
 from tunefleet.service.spec import StudySpec
 from tunefleet.service.storage import BoundedHistorySampler, ServerStorage, one_thread_for_gp
+from tunefleet.service.stores import Store, open_store
 from tunefleet.service.tables import Lease
 from tunefleet.service.tables import Study as StudyRow
 
@@ -100,7 +100,8 @@ class Backend:
         self.rdb = optuna.storages.RDBStorage(self.url, engine_kwargs=engine_kwargs(self.url, settings),
                                               skip_table_creation=True, skip_compatibility_check=True)
         self.storage = ServerStorage(self.rdb, refresh_seconds=settings.trial_cache_seconds)
-        self.artifacts = ArtifactStore(settings.resolved_artifact_dir)
+        # Artifacts, checkpoints, data sets and models (service/stores.py).
+        self.store: Store = open_store(settings)
         self._runtimes: dict[int, StudyRuntime] = {}
         self._runtimes_lock = threading.Lock()
         self._trial_locks = [threading.Lock() for _ in range(_TRIAL_LOCK_STRIPES)]

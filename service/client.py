@@ -22,8 +22,11 @@ FastAPI app without a server use Starlette's test client, which is a sync `httpx
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
+import tarfile
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -191,13 +194,16 @@ class Client:
         *,
         json: Any = None,
         params: Mapping[str, Any] | None = None,
-        content: bytes | None = None,
+        content: bytes | Path | None = None,
         headers: Mapping[str, str] | None = None,
         retries: int | None = None,
         api: bool = True,
+        into: Path | None = None,
     ) -> httpx.Response:
         """Send one request, retrying transient failures; return the 2xx response.
 
+        A `content` Path is streamed from the file (opened again for each attempt), never read whole; with
+        `into`, a 2xx body is streamed into that file instead of memory.
         Raises ServerUnavailable when every attempt failed with a connection error, a timeout or
         502/503/504; the matching ApiError subclass for any other non-2xx answer.
         """
@@ -208,8 +214,8 @@ class Client:
         for attempt in range(retries + 1):
             response: httpx.Response | None = None
             try:
-                response = self._http.request(method, url, json=json, params=query, content=content,
-                                              headers=headers)
+                response = self._send(method, url, json=json, params=query, content=content, headers=headers,
+                                      into=into)
             except httpx.TransportError as exc:  # connection refused/reset, timeouts, protocol errors
                 last = ServerUnavailable(None, f"cannot reach {self.base_url}: {type(exc).__name__}: {exc}")
             else:
@@ -224,6 +230,20 @@ class Client:
         assert last is not None
         tries = retries + 1
         raise ServerUnavailable(last.status_code, f"{format_detail(last.detail)} (gave up after {tries} tries)")
+
+    def _send(self, method: str, url: str, *, content: bytes | Path | None, into: Path | None,
+              **kwargs: Any) -> httpx.Response:
+        """One attempt; a file body and an `into` download are streamed in chunks."""
+        with contextlib.ExitStack() as stack:
+            body = stack.enter_context(content.open("rb")) if isinstance(content, Path) else content
+            response = stack.enter_context(self._http.stream(method, url, content=body, **kwargs))
+            if into is not None and response.is_success:
+                with into.open("wb") as fh:
+                    for chunk in response.iter_bytes(1 << 20):
+                        fh.write(chunk)
+            else:
+                response.read()
+            return response
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self.request(method, path, **kwargs)
@@ -313,8 +333,7 @@ class Client:
                         lease_token: str | None = None) -> dict[str, Any]:
         """PUT /trials/{id}/artifacts/{name} as the trial's lease holder; `name` may contain `/`. The same name
         again replaces the file."""
-        content = data.read_bytes() if isinstance(data, Path) else data
-        return self._json("PUT", _artifact_path(trial_id, name), content=content,
+        return self._json("PUT", _artifact_path(trial_id, name), content=data,
                           headers=self._holder(trial_id, lease_token))
 
     def list_artifacts(self, trial_id: int) -> list[dict[str, Any]]:
@@ -376,11 +395,10 @@ class Client:
         return self._json("POST", f"/trials/{trial_id}/pause", json=body, headers=self._holder(trial_id, lease_token))
 
     def download_artifact_to(self, trial_id: int, name: str, path: Path) -> str:
-        """GET /trials/{id}/artifacts/{name} into the file `path` (with this client's retries); returns the
-        file's SHA-256."""
-        content = self.request("GET", _artifact_path(trial_id, name)).content
-        path.write_bytes(content)
-        return hashlib.sha256(content).hexdigest()
+        """GET /trials/{id}/artifacts/{name} streamed into the file `path` (with this client's retries); returns
+        the file's SHA-256."""
+        self.request("GET", _artifact_path(trial_id, name), into=path)
+        return file_sha256(path)
 
     def complete(
         self,
@@ -411,6 +429,31 @@ class Client:
                           json={"reason": reason, "retryable": retryable, "kind": kind},
                           headers=self._holder(trial_id, lease_token))
 
+    # -- data sets and models -------------------------------------------------------------------
+
+    def upload_asset(self, kind: str, name: str, source: Path) -> dict[str, Any]:
+        """POST /{kind}/{name} (kind: datasets or models): a file or folder, packed into a tar whose bytes
+        depend only on the files' names and contents (so the same files give the same version), streamed.
+        Returns `{kind, name, version, sha256, size, files, created_at}`."""
+        with tempfile.TemporaryDirectory(prefix="tunefleet-upload-") as tmp:
+            tar_path = Path(tmp) / "upload.tar"
+            pack_files(source, tar_path)
+            return self._json("POST", f"/{kind}/{quote(name, safe='')}", content=tar_path,
+                              headers={"Content-Type": "application/octet-stream"})
+
+    def list_assets(self, kind: str, name: str | None = None) -> list[dict[str, Any]]:
+        """GET /{kind} (every version of every one) or /{kind}/{name} (its versions), newest first."""
+        return self._json("GET", f"/{kind}" + (f"/{quote(name, safe='')}" if name else ""))
+
+    def get_asset(self, kind: str, name: str, version: str = "latest") -> dict[str, Any]:
+        """GET /{kind}/{name}/{version}; raises NotFoundError."""
+        return self._json("GET", f"/{kind}/{quote(name, safe='')}/{quote(version, safe='')}")
+
+    def download_asset_to(self, kind: str, name: str, version: str, path: Path) -> str:
+        """GET /{kind}/{name}/{version}/content streamed into the file `path`; returns its SHA-256."""
+        self.request("GET", f"/{kind}/{quote(name, safe='')}/{quote(version, safe='')}/content", into=path)
+        return file_sha256(path)
+
     # -- tokens ---------------------------------------------------------------------------------
 
     def create_token(self, name: str, role: str, projects: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -435,6 +478,35 @@ class Client:
     def revoke_token(self, token_id: int) -> None:
         """DELETE /tokens/{id} (admin); raises NotFoundError."""
         self.request("DELETE", f"/tokens/{token_id}")
+
+
+def pack_files(source: Path, tar_path: Path) -> None:
+    """Write the file `source`, or every file under the folder `source`, into an uncompressed tar with fixed
+    metadata (names in order, mtime 0, owner 0, mode 644): the same files always give the same bytes, so
+    the same SHA-256. Raises ValueError when there is no file to pack."""
+    source = Path(source)
+    if source.is_file():
+        files = [(source, source.name)]
+    elif source.is_dir():
+        files = [(p, p.relative_to(source).as_posix()) for p in sorted(source.rglob("*")) if p.is_file()]
+    else:
+        raise ValueError(f"{source}: no such file or folder")
+    if not files:
+        raise ValueError(f"{source} holds no file to upload")
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path, name in sorted(files, key=lambda f: f[1]):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = path.stat().st_size, 0o644
+            with path.open("rb") as fh:
+                tar.addfile(info, fh)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _artifact_path(trial_id: int, name: str) -> str:

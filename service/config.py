@@ -57,6 +57,16 @@ class Settings(BaseSettings):
     )
     sampler_recent_trials: int = Field(200, ge=0, description="the most recently finished trials TPE and GP model")
     artifact_dir: Path | None = Field(None, description="artifact store folder; unset means <home>/artifacts")
+    store_url: str | None = Field(
+        None, description="object storage for artifacts, checkpoints, data sets and models: s3://bucket/prefix "
+        "(S3 or any S3-compatible service; credentials from the standard AWS_* variables). Unset means the "
+        "local folder artifact_dir"
+    )
+    store_endpoint_url: str | None = Field(
+        None, description="the S3 API endpoint of a store that is not AWS (MinIO, Ceph, R2): http://host:9000"
+    )
+    store_region: str | None = Field(None, description="the S3 region; unset means boto3's default (AWS_REGION)")
+    max_upload_mb: int = Field(20480, gt=0, description="largest data set or base model upload accepted")
     max_artifact_mb: int = Field(2048, gt=0, description="largest artifact file accepted")
     max_trial_artifact_mb: int = Field(20480, gt=0, description="all artifacts of one trial together")
     max_spec_kb: int = Field(256, gt=0, description="largest study spec accepted (its JSON); each lease carries it")
@@ -88,6 +98,14 @@ class Settings(BaseSettings):
         "text", description="server log lines on stderr: text (time, level, logger, message) or json (one "
         "object per line)"
     )
+
+    @field_validator("store_url")
+    @classmethod
+    def _s3_url(cls, value: str | None) -> str | None:
+        if value and (not value.startswith("s3://") or not value.removeprefix("s3://").split("/")[0]):
+            raise ValueError("TUNEFLEET_STORE_URL must be s3://bucket or s3://bucket/prefix; unset it for the "
+                             "local folder TUNEFLEET_ARTIFACT_DIR")
+        return value or None
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

@@ -17,6 +17,7 @@ __all__ = [
     "InvalidInput",
     "LeaseLost",
     "NotFound",
+    "StoreUnavailable",
     "TooLarge",
     "TunefleetError",
 ]
@@ -77,6 +78,12 @@ class AuthError(TunefleetError):
 
 class Forbidden(TunefleetError):
     status_code = 403
+
+
+class StoreUnavailable(TunefleetError):
+    """503: the object store (TUNEFLEET_STORE_URL) did not answer, or refused the server's credentials."""
+
+    status_code = 503
 
 
 class DatabaseNotReady(TunefleetError):

@@ -76,6 +76,7 @@ class TrialRecord:
     test_metrics: Mapping[str, Any] = field(default_factory=dict)
     test_per_example: Mapping[str, Sequence[float]] = field(default_factory=dict)
     is_baseline: bool = False
+    feasible: bool = True  # meets the study's constraints (never the best trial otherwise)
 
     @property
     def last_step(self) -> int | None:
@@ -300,8 +301,10 @@ def _final_score(trial: FrozenTrial, objective_metric: str) -> float | None:
         return None
     if trial.values is not None and len(trial.values) == 1:
         return _finite_or_none(trial.values[0])
-    # Multi-objective trials have no single value: take the objective metric from validation.
-    return _finite_or_none(_as_dict(trial.user_attrs.get("validation_metrics")).get(objective_metric))
+    # Multi-objective trials have no single value: take the objective metric from validation, or from the
+    # trial's measured costs (`extra`) for a cost metric.
+    measured = {**_as_dict(trial.user_attrs.get("extra")), **_as_dict(trial.user_attrs.get("validation_metrics"))}
+    return _finite_or_none(measured.get(objective_metric))
 
 
 def record_from_trial(trial: FrozenTrial, objective_metric: str) -> TrialRecord:
@@ -322,6 +325,7 @@ def record_from_trial(trial: FrozenTrial, objective_metric: str) -> TrialRecord:
         test_metrics=test_metrics,
         test_per_example=per_example,
         is_baseline=bool(attrs.get("is_baseline", False)),
+        feasible=all(v <= 0.0 for v in trial.constraints.values()),
     )
 
 
@@ -383,7 +387,7 @@ def _trial_summary(record: TrialRecord | None, objective_metric: str) -> dict[st
 def _best(complete: list[TrialRecord], direction: Direction) -> TrialRecord | None:
     # The tuned configuration is chosen on validation only; the test set stays untouched by the choice.
     sign = 1.0 if direction == "maximize" else -1.0
-    scored = [t for t in complete if t.final is not None]
+    scored = [t for t in complete if t.final is not None and t.feasible]
     # Ties go to the earlier trial, so the answer does not depend on storage order.
     return max(scored, key=lambda t: (sign * float(t.final or 0.0), -t.number)) if scored else None
 

@@ -55,7 +55,13 @@ from tunefleet.service.schemas import (
     ResumeOut,
     TrialOut,
 )
-from tunefleet.service.spec import BUILTIN_TASKS, STUDY_FAILURES, ReportAction, checkpoint_storage
+from tunefleet.service.spec import (
+    BUILTIN_TASKS,
+    STUDY_FAILURES,
+    ReportAction,
+    checkpoint_storage,
+    constraint_violations,
+)
 from tunefleet.service.storage import optuna_now, trial_storage_id, unleased_running_trials
 from tunefleet.service.studies import (
     aware,
@@ -358,7 +364,7 @@ def report(backend: Backend, trial_id: int, token: str | None, body: ReportIn) -
         if record.state != "active":
             raise LeaseLost(f"trial {trial_id} is {record.state}; its reports are closed: lease a new trial")
         action: ReportAction = "continue"
-        if not runtime.spec.multi_objective:
+        if runtime.spec.rung_values:  # else the report is kept (tf_reports) for the record only
             if backend.reports_handled.get(trial_id, 0) != len(answers):
                 # An earlier report went to another server process: our copy of the trial lags behind.
                 backend.storage.reload_trial(trial_id)
@@ -444,9 +450,14 @@ def complete(backend: Backend, trial_id: int, token: str | None, body: CompleteI
         told_now = record.state == "active"
         if told_now:
             values = _values(runtime, body)
+            constraints = _constraints(runtime, body)
             for key, value in (("validation_metrics", body.validation_metrics),
                                ("test_metrics", body.test_metrics), ("extra", body.extra)):
                 backend.storage.set_trial_user_attr(trial_id, key, value)
+            if constraints:  # where samplers read them (TPE, GP, NSGA-II), set as Trial.set_constraint does
+                trial = optuna.Trial(runtime.study, trial_id)
+                for name, violation in constraints.items():
+                    trial.set_constraint(name, violation)
             runtime.study.tell(t.number, values)
             record.state, record.finished_at = "complete", utcnow()
             backend.reports_handled.pop(trial_id, None)
@@ -471,6 +482,19 @@ def _values(runtime: StudyRuntime, body: CompleteIn) -> list[float]:
     if not all(math.isfinite(v) for v in values):
         raise InvalidInput(f"objective values {values} are not finite: fail the trial instead")
     return values
+
+
+def _constraints(runtime: StudyRuntime, body: CompleteIn) -> dict[str, float]:
+    """The spec's constraint values of a completing trial, from its validation metrics and, for cost metrics,
+    its `extra`; InvalidInput (422) when a constraint metric is missing, naming it."""
+    try:
+        return constraint_violations(runtime.spec, {**body.extra, **body.validation_metrics})
+    except KeyError as exc:
+        metric = exc.args[0]
+        msg = (f"constraint metric {metric!r} is missing or not a finite number: send it in validation_metrics "
+               "(a task metric) or extra (a cost metric)")
+        raise InvalidInput(msg, [{"loc": ["body", "validation_metrics", metric], "msg": msg,
+                                  "type": "value_error"}]) from None
 
 
 def _reason(record: Lease) -> str:

@@ -12,6 +12,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from tunefleet.service.spec import FailureKind, ReportAction, StudyTask
 
 __all__ = [
+    "AssetFile",
+    "AssetOut",
     "ArtifactOut", "CheckpointRef", "CompleteIn", "EnqueueIn", "ErrorItem", "ErrorOut", "FailIn", "HeartbeatIn",
     "HeartbeatOut", "LeaseIn", "LeaseOut", "Page", "PauseIn", "Problem", "ReportIn", "ReportOut", "ResumeOut",
     "StudyOut", "TokenIn", "TokenOut", "TrialOut", "ValidationErrorOut", "printable", "storable_problems",
@@ -207,6 +209,11 @@ class TrialOut(BaseModel):
     paused_at: int | None = Field(None, description="the rung (percent) a paused trial waits at; None unless "
                                   "paused (a paused trial is RUNNING in Optuna)")
     resumes: int = Field(0, description="how many times the trial was resumed from a checkpoint")
+    constraints: dict[str, float] = Field(default_factory=dict, description="the spec's constraints on this "
+                                          "completed trial, as Optuna's constraint values (`<metric>:max` = value "
+                                          "- max, `<metric>:min` = min - value): > 0 is violated")
+    feasible: bool | None = Field(None, description="whether the completed trial meets every constraint; None "
+                                  "when the study has none or the trial has not completed")
     datetime_start: OptunaTime | None = None
     datetime_complete: OptunaTime | None = None
 
@@ -225,6 +232,10 @@ class StudyOut(BaseModel):
     gpu_hours: float
     rungs: list[int]
     best_trial: TrialOut | None = None
+    best_trials: list[TrialOut] = Field(
+        default_factory=list, description="the Pareto front (Optuna's `study.best_trials`): completed, feasible "
+        "trials that no other such trial beats on every objective, best first by the first objective; for a "
+        "single objective, the best trial")
     baseline_trial_id: int | None = None
     state_reason: str | None = Field(None, description="why the study paused itself (fix it, then resume it)")
 
@@ -343,6 +354,23 @@ class ArtifactOut(BaseModel):
     name: str
     size: int
     sha256: str
+    created_at: Moment
+
+
+class AssetFile(BaseModel):
+    name: str
+    size: int
+
+
+class AssetOut(BaseModel):
+    """An uploaded data set or base model, one version of it (a spec names it `tunefleet://NAME@VERSION`)."""
+
+    kind: Literal["datasets", "models"]
+    name: str
+    version: str = Field(description="the first 12 hex digits of sha256")
+    sha256: str = Field(description="SHA-256 of the uploaded tar, which holds the files in name order")
+    size: int
+    files: list[AssetFile]
     created_at: Moment
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "CategoricalParam",
     "CheckpointSpec",
     "CheckpointStorage",
+    "ConstraintSpec",
     "FailureKind",
     "DataSpec",
     "FloatParam",
@@ -44,6 +45,7 @@ __all__ = [
     "TaskName",
     "WarmStartSpec",
     "checkpoint_storage",
+    "constraint_violations",
     "objectives_of",
     "validate_spec",
     "parse_spec_text",
@@ -198,6 +200,35 @@ def _listed(objective: ObjectiveSpec | list[ObjectiveSpec]) -> list[ObjectiveSpe
     return objective if isinstance(objective, list) else [objective]
 
 
+class ConstraintSpec(_Strict):
+    """A bound on a metric a trial reports: a completed trial outside it is infeasible (never best, never on
+    the Pareto front), and samplers that support constraints steer away from it."""
+
+    metric: str = Field(min_length=1, max_length=200)
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ConstraintSpec:
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both: e.g. {metric: peak_memory_mb, max: 8000}")
+        if any(b is not None and not math.isfinite(b) for b in (self.min, self.max)):
+            raise ValueError("min and max must be finite numbers")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min={self.min} is above max={self.max}: make min <= max")
+        return self
+
+    def violations(self, value: float) -> dict[str, float]:
+        """Optuna's constraint values for `value`, one per bound, named `<metric>:min` / `<metric>:max`:
+        how far it lies outside the bound (> 0: violated, <= 0: satisfied)."""
+        out: dict[str, float] = {}
+        if self.min is not None:
+            out[f"{self.metric}:min"] = self.min - value
+        if self.max is not None:
+            out[f"{self.metric}:max"] = value - self.max
+        return out
+
+
 class _ObjectiveOnly(BaseModel):
     """A spec read for its objective alone; other keys are ignored (StudySpec checks them)."""
 
@@ -311,6 +342,9 @@ class StudySpec(_Strict):
     data: DataSpec | None = Field(None, description="the examples (required by the built-in tasks; a script "
                                   "study's script reads its own)")
     objective: Objectives
+    constraints: list[ConstraintSpec] = Field(
+        default_factory=list, description="bounds on reported metrics (task or cost metrics); a completed trial "
+        "outside one is infeasible: never the best trial nor on the Pareto front")
     search_space: dict[str, Param] = Field(min_length=1)
     fixed: dict[str, Any] = Field(default_factory=dict)
     baseline: dict[str, Any] | None = Field(
@@ -330,6 +364,12 @@ class StudySpec(_Strict):
     @property
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
+
+    @property
+    def rung_values(self) -> bool:
+        """Whether rung reports are the objective's intermediate values (Optuna's `Trial.report`): only for one
+        objective that evaluations measure; a cost is known at the end only."""
+        return not self.multi_objective and self.objectives[0].metric not in COST_METRICS
 
     def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Cross-field problems pydantic's per-field checks cannot see, each as (field path, message)."""
@@ -353,13 +393,7 @@ class StudySpec(_Strict):
                 problems.append((("fixed", name), msg))
         problems.extend(((field,), f"required by task {self.task}: add it (only task: script may leave it out)")
                         for field in ("model", "data") if not script and getattr(self, field) is None)
-        metrics = None if self.task == "script" else TASK_METRICS[self.task]  # a script reports any metric
-        for i, objective in enumerate(self.objectives):
-            if metrics is not None and objective.metric not in metrics:
-                loc: tuple[str | int, ...] = ("objective", i, "metric") if self.multi_objective else (
-                    "objective", "metric")
-                problems.append((loc, f"metric {objective.metric!r} is not produced by task {self.task}; "
-                                 f"use one of {', '.join(metrics)}"))
+        problems.extend(self._metric_problems())
         names = [o.metric for o in self.objectives]
         if len(set(names)) != len(names):
             problems.append((("objective",), "the same metric is listed twice; list each once"))
@@ -370,6 +404,9 @@ class StudySpec(_Strict):
                              f"objectives use one of {', '.join(MULTI_OBJECTIVE_SAMPLERS)}"))
         if self.multi_objective and self.search.pruner != "none":
             problems.append((("search", "pruner"), "pruning needs a single objective: set search.pruner: none"))
+        elif not self.rung_values and self.search.pruner != "none":
+            problems.append((("search", "pruner"), f"pruning compares rung scores, and {self.objectives[0].metric} "
+                             "is only known at the end of a trial: set search.pruner: none"))
         if self.search.sampler == "grid":
             for name, p in self.search_space.items():
                 if isinstance(p, FloatParam) and p.step is None:
@@ -377,6 +414,23 @@ class StudySpec(_Strict):
                                      "search.sampler grid needs a finite grid: give this float parameter a step"))
         if self.baseline is not None:
             problems.extend(self._baseline_problems())
+        return problems
+
+    def _metric_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Objectives and constraints that name a metric no trial of this task reports."""
+        if self.task == "script":
+            return []  # a script reports any metric
+        metrics = (*TASK_METRICS[self.task], *COST_METRICS)
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        named: list[tuple[tuple[str | int, ...], str]] = [
+            (("objective", i, "metric") if self.multi_objective else ("objective", "metric"), o.metric)
+            for i, o in enumerate(self.objectives)]
+        named += [(("constraints", i, "metric"), c.metric) for i, c in enumerate(self.constraints)]
+        for loc, metric in named:
+            if metric not in metrics:
+                problems.append((loc, f"metric {metric!r} is not produced by task {self.task}; use one of its "
+                                 f"metrics ({', '.join(TASK_METRICS[self.task])}) or a cost metric "
+                                 f"({', '.join(COST_METRICS)})"))
         return problems
 
     def param_problems(self, params: Mapping[str, Any], where: tuple[str | int, ...]
@@ -479,6 +533,18 @@ def objectives_of(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
     except ValidationError as exc:
         raise SpecError([_pydantic_error(e) for e in exc.errors()]) from None
     return [(o.metric, o.direction) for o in _listed(objective)]
+
+
+def constraint_violations(spec: StudySpec, reported: Mapping[str, Any]) -> dict[str, float]:
+    """Optuna's constraint values of a completed trial (`ConstraintSpec.violations` of each constraint) from the
+    metrics it reported; raises KeyError naming a constraint metric that is missing or not a finite number."""
+    out: dict[str, float] = {}
+    for constraint in spec.constraints:
+        value = reported.get(constraint.metric)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise KeyError(constraint.metric)
+        out.update(constraint.violations(float(value)))
+    return out
 
 
 _FIXES = {

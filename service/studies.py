@@ -17,9 +17,10 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.orm import Session
 
 from tunefleet.service.artifacts import delete_checkpoints
+from tunefleet.service.assets import pin_inputs
 from tunefleet.service.auth import ANONYMOUS_ADMIN, Principal, project_id
 from tunefleet.service.backend import Backend, StudyRuntime
-from tunefleet.service.errors import Conflict, Forbidden, InvalidInput, NotFound
+from tunefleet.service.errors import Conflict, Forbidden, InvalidInput, NotFound, StoreUnavailable
 from tunefleet.service.scheduling import PausedTrial, policy_for
 from tunefleet.service.schemas import StudyOut, TrialOut, storable_problems
 from tunefleet.service.search import build_pruner, build_sampler, search_problems
@@ -37,7 +38,8 @@ from tunefleet.service.tables import Study as StudyRow
 
 __all__ = [
     "Usage", "create_study", "delete_study", "get_study", "get_trial", "list_studies", "list_trials",
-    "aware", "enqueue_trial", "finish_paused", "maybe_complete", "pause_if_failing", "paused_trials",
+    "aware", "best_trials", "enqueue_trial", "feasible", "finish_paused", "maybe_complete", "pause_if_failing",
+    "paused_trials",
     "set_study_state", "usage",
 ]
 
@@ -172,6 +174,7 @@ def create_study(backend: Backend, data: Any, principal: Principal = ANONYMOUS_A
     if problems:
         errors = [{"loc": list(loc), "msg": msg, "type": "value_error"} for loc, msg in problems]
         raise InvalidInput(f"invalid study spec: {problems[0][1]}", errors)
+    data = pin_inputs(backend, data)  # uploaded data sets and models: the version they name now
     with backend.session() as session:
         project = _writable_project(session, principal, spec.project)
         if session.scalar(sa.select(StudyRow.id).where(StudyRow.name == spec.name)) is not None:
@@ -226,7 +229,7 @@ def _warm_start_configurations(backend: Backend, principal: Principal, spec: Stu
                            [{"loc": ["warm_start", "study"], "msg": msg, "type": "value_error"}])
     maximize = earlier.spec.objectives[0].direction == "maximize"
     complete = [t for t in earlier.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None]
+                if t.value is not None and feasible(t)]  # as for its best trial: constraints met
     complete.sort(key=lambda t: float(t.value or 0.0), reverse=maximize)
     out = []
     for t in complete[:spec.warm_start.top_k]:
@@ -325,7 +328,8 @@ def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> Study
     use = usage(session, runtime, trials)
     # A paused trial is RUNNING in Optuna and holds no worker: counted apart from the running ones.
     counts["running"], counts["paused"] = counts["running"] - use.paused, use.paused
-    best = _best_trial(runtime, trials)
+    front = best_trials(runtime, trials)
+    front_extras = _trial_extras(session, [trial_storage_id(t) for t in front])
     max_trials = runtime.spec.budget.max_trials
     project = session.get(Project, row.project_id)
     return StudyOut(
@@ -338,7 +342,9 @@ def _study_view(session: Session, row: StudyRow, runtime: StudyRuntime) -> Study
         progress=min(1.0, (use.used - counts["queued"]) / max_trials),
         gpu_hours=_lease_hours(session, row.id),
         rungs=runtime.rungs,
-        best_trial=_trial_view(best, row.id, *_trial_extras(session, [trial_storage_id(best)])) if best else None,
+        best_trial=(_trial_view(front[0], row.id, *front_extras)
+                    if front and not runtime.spec.multi_objective else None),
+        best_trials=[_trial_view(t, row.id, *front_extras) for t in front],
         baseline_trial_id=row.baseline_trial_id,
         state_reason=runtime.study.user_attrs.get(PAUSED_REASON) if row.state == "paused" else None,
     )
@@ -379,14 +385,35 @@ def aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def _best_trial(runtime: StudyRuntime, trials: list[FrozenTrial]) -> FrozenTrial | None:
-    if runtime.spec.multi_objective:
-        return None
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    if not complete:
-        return None
-    maximize = runtime.spec.objectives[0].direction == "maximize"
-    return (max if maximize else min)(complete, key=lambda t: float(t.value or 0.0))  # value is not None
+def feasible(t: FrozenTrial) -> bool:
+    """Whether a trial meets every constraint it was given (Optuna's rule: each constraint value <= 0)."""
+    return all(v <= 0.0 for v in t.constraints.values())
+
+
+def best_trials(runtime: StudyRuntime, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The study's best trials with Optuna's `Study.best_trials` semantics: among COMPLETE trials (only the
+    feasible ones when any trial carries constraints), those no other dominates (as good on every objective,
+    better on one; equal values are all kept); best first by the first objective, then by number. For one
+    objective that is the best value's trials; the view shows the first as `best_trial`.
+
+    A sweep in that order compares each trial with the front so far only, since a trial can only be dominated by
+    one sorted before it: one study view costs (trials × front size), not Optuna's copy of every trial."""
+    signs = [-1.0 if o.direction == "maximize" else 1.0 for o in runtime.spec.objectives]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None]
+    if any(t.constraints for t in complete):
+        complete = [t for t in complete if feasible(t)]
+    scored = sorted(((tuple(s * v for s, v in zip(signs, t.values, strict=True)), t.number, t) for t in complete),
+                    key=lambda item: item[:2])
+    front: list[tuple[tuple[float, ...], FrozenTrial]] = []
+    for loss, _, t in scored:
+        if not any(_dominates(other, loss) for other, _ in front):
+            front.append((loss, t))
+    return [t for _, t in front]
+
+
+def _dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Whether losses `a` dominate `b`: no worse anywhere, better somewhere."""
+    return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
 
 
 def set_study_state(backend: Backend, study_id: int, action: str) -> StudyOut:
@@ -420,7 +447,11 @@ def delete_study(backend: Backend, study_id: int) -> None:
     backend.forget(study_id)
     with contextlib.suppress(KeyError):  # already gone from Optuna's tables
         optuna.delete_study(study_name=name, storage=backend.storage)
-    backend.artifacts.delete_study(study_id)
+    try:
+        backend.store.delete_prefix(f"{study_id}/")
+    except StoreUnavailable as exc:  # the study is gone; its files are unreferenced, never a record without them
+        log.warning("study %s (%s) deleted, but not its files in the store: %s", study_id, name, exc.message)
+        return
     log.info("study %s (%s) deleted", study_id, name)
 
 
@@ -536,6 +567,8 @@ def _trial_view(t: FrozenTrial, study_id: int, leases: dict[int, Lease],
         fail_reason=(lease.fail_reason if lease else None) or attrs.get("fail_reason"),
         paused_at=lease.paused_at if lease and lease.state == "paused" else None,
         resumes=lease.resumes if lease else 0,
+        constraints=dict(t.constraints),
+        feasible=feasible(t) if t.constraints and t.state == TrialState.COMPLETE else None,
         datetime_start=t.datetime_start, datetime_complete=t.datetime_complete,
     )
 
@@ -594,12 +627,27 @@ def study_report(backend: Backend, study_id: int) -> dict[str, Any]:
     from tunefleet.service.fidelity import fidelity_report
 
     runtime = _current(backend, study_id)
-    spec = runtime.spec
-    if spec.multi_objective:
-        return {"study_id": study_id, "warnings": ["fidelity reports need a single objective"], "rungs": []}
     trials = runtime.study.get_trials(deepcopy=False)
     baselines = [t for t in trials if t.user_attrs.get("is_baseline") and t.state == TrialState.COMPLETE]
-    report = fidelity_report(runtime.study, direction=spec.objectives[0].direction, rungs=runtime.rungs,
-                             baseline_trial_number=baselines[-1].number if baselines else None,
-                             objective_metric=spec.objectives[0].metric)
-    return {"study_id": study_id, "study_name": runtime.name, **report}
+    reports = [fidelity_report(runtime.study, direction=o.direction, rungs=runtime.rungs,
+                               baseline_trial_number=baselines[-1].number if baselines else None,
+                               objective_metric=o.metric)
+               for o in runtime.spec.objectives]
+    out = {"study_id": study_id, "study_name": runtime.name, **reports[0]}
+    if runtime.spec.multi_objective:
+        # The top-level fields are the first objective's, as for one objective; each objective has its own
+        # report (best trial, tuned vs baseline), and the front is what a user chooses from.
+        out["objectives"] = reports
+        out["pareto_front"] = [_front_entry(t, runtime) for t in best_trials(runtime, trials)]
+    return out
+
+
+def _front_entry(t: FrozenTrial, runtime: StudyRuntime) -> dict[str, Any]:
+    """A Pareto-optimal trial as the report lists it: its objective values by metric, params and test metrics
+    (without per-example scores, as the report's trial summaries)."""
+    from tunefleet.service.fidelity import PER_EXAMPLE_KEY
+
+    test = {k: v for k, v in (t.user_attrs.get("test_metrics") or {}).items() if k != PER_EXAMPLE_KEY}
+    return {"number": t.number, "trial_id": trial_storage_id(t), "params": dict(t.params),
+            "values": {o.metric: v for o, v in zip(runtime.spec.objectives, t.values or [], strict=False)},
+            "test_metrics": test, "is_baseline": bool(t.user_attrs.get("is_baseline"))}

@@ -9,11 +9,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["DEFAULT_PROJECT_ID", "Artifact", "Base", "Grant", "Lease", "Project", "RungReport", "Study", "Token",
-           "Worker", "utcnow"]
+__all__ = ["DEFAULT_PROJECT_ID", "Artifact", "Asset", "Base", "Grant", "Lease", "Project", "RungReport", "Study",
+           "Token", "Worker", "utcnow"]
 
 # The project every study belongs to unless its spec names another (made by migration 0003).
 DEFAULT_PROJECT_ID = 1
@@ -153,4 +153,20 @@ class Artifact(Base):
     path: Mapped[str] = mapped_column(Text)
     size: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Asset(Base):
+    """An uploaded data set or base model, one version: a tar in the store under `<kind>/<sha256>.tar`. The same
+    content under one name is one row; another name for the same content is another row, one object."""
+
+    __tablename__ = "tf_assets"
+    __table_args__ = (UniqueConstraint("kind", "name", "sha256"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # datasets or models
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    files: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{name, size}] in name order
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
@@ -149,6 +150,45 @@ def secured(pg_url: str, tmp_path: Path) -> Iterator[tuple[LiveServer, dict[str,
     tokens = {role: create_token(settings, f"{role}-token", role) for role in ("admin", "user", "worker")}
     with LiveServer(settings) as live:
         yield live, tokens
+
+
+S3_BUCKET = "tunefleet-test"
+
+
+@pytest.fixture(scope="session")
+def _moto_server() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        moto.stop()
+
+
+@pytest.fixture
+def s3_endpoint(_moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A real S3 API server (moto in server mode) on a loopback port, emptied, with the bucket S3_BUCKET; its
+    URL. The test process gets dummy AWS credentials (the server's store uses them); nothing else does."""
+    import boto3
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    httpx.post(f"{_moto_server}/moto-api/reset").raise_for_status()  # every test starts from an empty server
+    boto3.client("s3", endpoint_url=_moto_server).create_bucket(Bucket=S3_BUCKET)
+    return _moto_server
+
+
+def s3_keys(endpoint: str, prefix: str = "") -> list[str]:
+    """Every key in S3_BUCKET under `prefix`, asked of the S3 server itself."""
+    import boto3
+
+    pages = boto3.client("s3", endpoint_url=endpoint).get_paginator("list_objects_v2").paginate(
+        Bucket=S3_BUCKET, Prefix=prefix)
+    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
 
 def study_spec(name: str = "study", **overrides: object) -> dict:

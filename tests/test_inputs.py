@@ -61,7 +61,7 @@ class World:
             for table in sa.inspect(engine).get_table_names():
                 rows = conn.execute(sa.text(f'SELECT * FROM "{table}"')).all()
                 tables[table] = sorted(repr(tuple(row)) for row in rows)
-        root: Path = self.server.backend.artifacts.root
+        root: Path = self.server.backend.store.root
         files = sorted((str(p.relative_to(root)), p.read_bytes()) for p in root.rglob("*")
                        if p.is_file() and ".incoming" not in p.parts)
         return {"tables": tables, "files": files}

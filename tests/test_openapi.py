@@ -77,9 +77,13 @@ SUCCESS = {
     ("POST", "/api/v1/tokens"): {"201"},
     ("POST", "/api/v1/projects"): {"201"},
     ("DELETE", "/api/v1/tokens/{token_id}"): {"204"},
+    ("POST", "/api/v1/datasets/{name}"): {"201"},
+    ("POST", "/api/v1/models/{name}"): {"201"},
 }
 # Routes without an id in the path that can answer 404: an unknown project named in the body.
 NOT_FOUND_WITHOUT_ID = {("POST", "/api/v1/studies"), ("POST", "/api/v1/tokens")}
+# Uploads of data sets and models: their {name} is new (no 404), and their body has a size limit (413).
+UPLOADS = {("POST", "/api/v1/datasets/{name}"), ("POST", "/api/v1/models/{name}")}
 CONFLICTS = {  # the routes that can answer 409
     ("POST", "/api/v1/studies"), ("POST", "/api/v1/studies/{study_id}/{action}"), ("POST", "/api/v1/leases"),
     ("POST", "/api/v1/trials/{trial_id}/reports"), ("POST", "/api/v1/trials/{trial_id}/complete"),
@@ -99,9 +103,10 @@ def test_openapi_documents_every_answer_of_every_route_with_one_error_schema(ser
         has_input = bool(operation.get("parameters") or operation.get("requestBody"))
         expected = {*SUCCESS.get((method, path), {"200"}), "401", "403", "503"}
         expected |= {"422"} if has_input else set()
-        expected |= {"404"} if "{" in path or (method, path) in NOT_FOUND_WITHOUT_ID else set()
+        new_name = (method, path) in UPLOADS
+        expected |= {"404"} if ("{" in path and not new_name) or (method, path) in NOT_FOUND_WITHOUT_ID else set()
         expected |= {"409"} if (method, path) in CONFLICTS else set()
-        expected |= {"413"} if method == "PUT" else set()
+        expected |= {"413"} if method == "PUT" or new_name else set()
         assert set(answers) == expected, where
         for status, answer in answers.items():
             if status.startswith("2"):
@@ -137,6 +142,16 @@ def test_the_body_of_post_studies_is_the_study_spec_schema() -> None:
     assert upload["content"] == {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
     action = doc["paths"]["/api/v1/studies/{study_id}/{action}"]["post"]["parameters"][1]
     assert action["schema"]["enum"] == ["pause", "resume", "stop"]
+
+
+def test_the_study_answer_documents_the_pareto_front_and_feasibility() -> None:
+    schemas = _offline_app().openapi()["components"]["schemas"]
+    assert schemas["StudyOut"]["properties"]["best_trials"]["items"] == {"$ref": "#/components/schemas/TrialOut"}
+    trial = schemas["TrialOut"]["properties"]
+    assert trial["constraints"]["additionalProperties"] == {"type": "number"}
+    assert {"type": "boolean"} in trial["feasible"]["anyOf"]
+    constraint = schemas["ConstraintSpec"]["properties"]
+    assert set(constraint) == {"metric", "min", "max"}
 
 
 # ---- the answers ----------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ _stderr = Console(stderr=True)
 
 
 def run_worker(url: str, token: str | None, *, device: str, worker_id: str | None, max_trials: int | None,
-               once: bool, simulated: bool, workdir: Path, idle_sleep: float, log_level: str) -> None:
+               once: bool, simulated: bool, workdir: Path, idle_sleep: float, log_level: str,
+               cache_dir: Path | None = None) -> None:
     """Train trials from the server at `url` on `device` until stopped (or until no work, with `once`)."""
     from tunefleet.workers.loop import HFTrainer, Trainer, WorkerLoop, default_worker_id
 
@@ -43,7 +44,7 @@ def run_worker(url: str, token: str | None, *, device: str, worker_id: str | Non
         trainer = HFTrainer(device)
     with Client(url, token) as client:
         loop = WorkerLoop(client, trainer, worker_id=worker_id or default_worker_id(device), device=device,
-                          max_trials=max_trials, once=once, idle_sleep=idle_sleep, workdir=workdir)
+                          max_trials=max_trials, once=once, idle_sleep=idle_sleep, workdir=workdir, cache_dir=cache_dir)
         loop.install_signal_handlers()
         loop.run()
 

@@ -14,7 +14,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-__all__ = ["NodeCheckpoints", "artifact_name", "folder_digest", "pack", "unpack"]
+__all__ = ["NodeCheckpoints", "artifact_name", "file_digest", "folder_digest", "pack", "unpack"]
 
 
 def artifact_name(step: int) -> str:
@@ -29,7 +29,7 @@ def pack(folder: Path, tar_path: Path) -> tuple[str, int]:
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 tar.add(path, arcname=path.relative_to(folder).as_posix())
-    return _file_digest(tar_path), tar_path.stat().st_size
+    return file_digest(tar_path), tar_path.stat().st_size
 
 
 def unpack(tar_path: Path, folder: Path) -> None:
@@ -51,7 +51,8 @@ def folder_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """SHA-256 of one file, read in chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

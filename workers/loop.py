@@ -49,6 +49,7 @@ from tunefleet.service.client import (
 )
 from tunefleet.workers.checkpoints import NodeCheckpoints, artifact_name, folder_digest, pack, unpack
 from tunefleet.workers.errors import TrialFailed, TrialInterrupted
+from tunefleet.workers.inputs import InputCache
 
 __all__ = [
     "LOGS_FOLDER",
@@ -139,7 +140,7 @@ class HFTrainer:
         resume = lease.get("resume_dir")
         return run_trial(lease["spec"], lease["params"], lease["rungs"], report, device=self.device,
                          workdir=workdir, model_cache=self._cache, should_stop=should_stop,
-                         resume_from=Path(resume) if resume else None)
+                         resume_from=Path(resume) if resume else None, inputs=lease.get("inputs"))
 
 
 class _Heartbeat:
@@ -207,6 +208,7 @@ class WorkerLoop:
         workdir: Path,
         hostname: str | None = None,
         keep_trial_dirs: bool = False,
+        cache_dir: Path | None = None,
         tasks: Sequence[str] | None = None,
     ):
         self.client = client
@@ -224,6 +226,8 @@ class WorkerLoop:
         # Checkpoints kept on this node (checkpoints.storage: node), shared by the node's workers: the
         # fleet gives them one work folder, so they live next to the per-worker folders.
         self.node_checkpoints = NodeCheckpoints(self.workdir.parent / "checkpoints")
+        # Uploaded data sets and models (and remote files), by hash, shared by the node's workers likewise.
+        self.inputs = InputCache(cache_dir or self.workdir.parent / "cache", client)
         # Seconds from each prune or pause answer to this worker's next lease request: how long a stopped
         # trial keeps the device from the next one (its checkpoint written and stored, for a pause).
         self.handoff_seconds: list[float] = []
@@ -354,8 +358,10 @@ class WorkerLoop:
             return action
 
         try:
+            spec, inputs = self.inputs.resolve(lease["spec"])
             resume_dir = self._fetch_checkpoint(lease, trial_dir)
-            run_lease = {**lease, "resume_dir": str(resume_dir)} if resume_dir else lease
+            run_lease = {**lease, "spec": spec, "inputs": inputs,
+                         **({"resume_dir": str(resume_dir)} if resume_dir else {})}
             outcome = self.trainer.run(run_lease, report, should_stop, trial_dir)
         except TrialInterrupted:
             self._upload_logs(trial_id, trial_dir)

@@ -10,7 +10,6 @@ depend on whether its model came from disk or from the cache.
 from __future__ import annotations
 
 import copy
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tunefleet.service.refs import looks_like_local_path
 from tunefleet.workers.errors import ModelLoadError
 from tunefleet.workers.tasks import Task
 
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = ["LoadedModel", "ModelCache", "check_local_path", "looks_like_local_path"]
 
-_HINT = ("give a hub id or a local folder with config.json and the weights; with HF_HUB_OFFLINE=1 a hub id "
-         "must already be in the local cache")
+_HINT = ("give a hub id, an uploaded model (tunefleet://NAME) or a local folder with config.json and the weights; "
+         "with HF_HUB_OFFLINE=1 a hub id must already be in the local cache")
 
 
 @dataclass
@@ -117,15 +117,6 @@ def _load(name: str, task: Task, label_names: list[str] | None, dtype: torch.dty
     return _Entry(model, tuple(info.get("missing_keys", ())))
 
 
-def looks_like_local_path(name: str) -> bool:
-    """True when `name` can only mean a folder on this machine, never a hub id (`name` or `namespace/name`):
-    it starts with `/`, `./`, `../` or `~`, holds a separator other than `/`, or has more than one `/`."""
-    if name in (".", "..") or name.startswith(("/", "./", "../", "~")):
-        return True
-    separators = {sep for sep in (os.sep, os.altsep) if sep is not None and sep != "/"}
-    return any(sep in name for sep in separators) or name.count("/") > 1
-
-
 def check_local_path(name: str, what: str) -> None:
     """Raise ModelLoadError naming the folder when `name` is a local path (see `looks_like_local_path`)
     that does not exist; do nothing otherwise.
@@ -134,6 +125,7 @@ def check_local_path(name: str, what: str) -> None:
     form 'repo_name' or 'namespace/repo_name'", which hides that a path was mistyped or not copied here.
     """
     if not looks_like_local_path(name):
+        _check_offline(name, what)
         return
     path = Path(name).expanduser()
     if path.exists():
@@ -142,6 +134,22 @@ def check_local_path(name: str, what: str) -> None:
     looked = "" if str(path.absolute()) == name else f" (looked for {path.absolute()})"
     raise ModelLoadError(f"{what} folder {name} does not exist on this worker{looked}; copy the folder to "
                          "this machine (or a shared disk) or give a hub id")
+
+
+def _check_offline(hub_id: str, what: str) -> None:
+    """With HF_HUB_OFFLINE set, raise ModelLoadError at once when `hub_id` is not in this node's hub cache,
+    instead of letting transformers look in several places first; do nothing online."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    try:
+        snapshot_download(hub_id, local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        raise ModelLoadError(f"{what} {hub_id!r} is not in this node's hub cache and HF_HUB_OFFLINE is set, so it "
+                             "cannot be downloaded: upload the model (`tunefleet model upload DIR --name NAME`, "
+                             "then model: tunefleet://NAME), or download it to every node first") from None
 
 
 def _reinit(model: nn.Module, new_params: tuple[str, ...], seed: int) -> None:

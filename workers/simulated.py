@@ -28,7 +28,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from tunefleet.service.spec import objectives_of
+from tunefleet.service.spec import COST_METRICS, objectives_of
 from tunefleet.workers.errors import TrialFailed, TrialInterrupted
 from tunefleet.workers.loop import ReportFn, TrialResult
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SimulatedTrainer",
     "run_simulated_workers",
+    "simulated_costs",
     "simulated_metric",
     "simulated_quality",
     "start_simulated_workers",
@@ -97,15 +98,31 @@ def simulated_metric(metric: str, direction: str, quality: float) -> float:
     return 1.0 - quality if metric == "loss" or direction == "minimize" else quality
 
 
+def simulated_costs(params: Mapping[str, Any], seconds: float) -> dict[str, float]:
+    """The cost metrics of a simulated trial that ran `seconds`: its wall time, no device-hours (no device), and
+    a peak memory and throughput that follow the method as on the demo task (full fine-tuning holds about three
+    times LoRA's memory, growing with lora_r, and trains about 25% slower)."""
+    full = str(params.get("method", "lora")) == "full"
+    memory = 1500.0 if full else 400.0 + 8.0 * float(params.get("lora_r", 8))
+    return {"train_seconds": round(seconds, 3), "gpu_hours": 0.0, "peak_memory_mb": memory,
+            "samples_per_second": 20.8 if full else 27.6}
+
+
 def _objectives(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The spec's (metric, direction) pairs; maximized accuracy for a lease whose spec has no objective."""
     return objectives_of(spec) if spec.get("objective") else [("accuracy", "maximize")]
 
 
 def _metrics(objectives: list[tuple[str, str]], quality: float) -> dict[str, float]:
-    metrics = {metric: simulated_metric(metric, direction, quality) for metric, direction in objectives}
+    metrics = {metric: simulated_metric(metric, direction, quality) for metric, direction in objectives
+               if metric not in COST_METRICS}
     metrics.setdefault("loss", simulated_metric("loss", "minimize", quality))
     return metrics
+
+
+def _rung_metric(objectives: list[tuple[str, str]]) -> str:
+    """What rungs report: the first objective that is not a cost (costs are known at the end only), else loss."""
+    return next((m for m, _ in objectives if m not in COST_METRICS), "loss")
 
 
 class SimulatedTrainer:
@@ -164,7 +181,7 @@ class SimulatedTrainer:
             quality = simulated_quality(params, rung, self.seed)
             metrics = _metrics(objectives, quality)
             log.append({"step": rung, **metrics})
-            action = report(rung, metrics[objectives[0][0]], metrics) if reports else "continue"
+            action = report(rung, metrics[_rung_metric(objectives)], metrics) if reports else "continue"
             if action == "prune":
                 return TrialResult(pruned=True)
             if action == "pause":
@@ -197,14 +214,15 @@ class SimulatedTrainer:
         final = simulated_quality(params, 100, self.seed)
         # The test split is a different sample: the same quality with its own noise.
         test = min(0.999, max(0.001, final + _rng(params, self.seed, "test").gauss(-0.005, NOISE)))
-        values = [simulated_metric(m, d, final) for m, d in objectives]
+        validation, costs = _metrics(objectives, final), simulated_costs(params, seconds)
+        values = [{**costs, **validation}[m] for m, _ in objectives]
         artifact_dir = self._write_artifacts(params, log, workdir) if self.write_artifacts else None
         return TrialResult(
             value=values[0] if len(values) == 1 else None,
             values=values if len(values) > 1 else None,
-            validation_metrics=_metrics(objectives, final),
+            validation_metrics=validation,
             test_metrics=_metrics(objectives, test),
-            extra={"train_seconds": round(seconds, 3), "gpu_hours": 0.0, "simulated": True},
+            extra={**costs, "simulated": True},
             artifact_dir=artifact_dir,
         )
 

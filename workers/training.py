@@ -28,7 +28,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from tunefleet.service.spec import TRAINING_DEFAULTS, SpecError, objectives_of
+from tunefleet.service.spec import COST_METRICS, TRAINING_DEFAULTS, SpecError, objectives_of
 from tunefleet.workers.data import Splits, load_splits
 from tunefleet.workers.errors import InvalidConfig, NonFiniteLoss, OutOfMemory, TrialFailed, TrialInterrupted
 from tunefleet.workers.methods import apply_method, count_parameters, save_model
@@ -81,12 +81,14 @@ def resolve_config(spec: Mapping[str, Any], params: Mapping[str, Any]) -> dict[s
 
 def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], report: Report, *,
               device: str = "cpu", workdir: Path, model_cache: ModelCache | None = None,
-              should_stop: Callable[[], bool] = lambda: False, resume_from: Path | None = None) -> TrialOutcome:
+              should_stop: Callable[[], bool] = lambda: False, resume_from: Path | None = None,
+              inputs: Mapping[str, Any] | None = None) -> TrialOutcome:
     """Train and evaluate one trial of `spec` with `params`, reporting at each rung percent.
 
     `report(percent, objective_value, metrics)` answers "continue", "prune" or "pause" (checkpoint and stop).
     `resume_from` is a checkpoint an earlier "pause" of the same trial saved: training continues from its
-    step, and only later rungs are reported. `should_stop()` is polled after
+    step, and only later rungs are reported. `inputs` says what the worker fetched for the spec's local paths
+    (`{location: {uri, sha256}}`, workers/inputs.py): the data-splits record keeps it. `should_stop()` is polled after
     every optimizer step and must be cheap (read a flag). `device` is "cpu" or "cuda[:N]"
     (CUDA_VISIBLE_DEVICES is the simplest way to give a worker one GPU).
     Raises TrialInterrupted when should_stop() turns True, and TrialFailed subclasses: InvalidConfig,
@@ -103,6 +105,8 @@ def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], re
 
     set_seed(config["seed"])
     splits, tokenizer, label_names, prepared = _prepare_data(spec, config, task, cache)
+    if inputs:
+        splits.record["inputs"] = dict(inputs)
     loaded = cache.model(spec["model"], task, label_names, seed=config["seed"])
     if not task.uses_labels and getattr(loaded.model.config, "pad_token_id", None) is None:
         loaded.model.config.pad_token_id = tokenizer.pad_token_id
@@ -140,7 +144,7 @@ def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], re
             return TrialOutcome(False, None, None, callback.last_metrics, {}, extra, None, splits.record,
                                 paused_at=callback.paused_at, checkpoint_dir=checkpoint)
         artifact = _save_artifact(workdir, model, tokenizer, trainer, splits.record)
-        extra["gpu_hours"] = earlier.get("gpu_hours", 0.0) + (time.perf_counter() - started) / 3600
+        extra["gpu_hours"] = earlier.get("gpu_hours", 0.0) + _device_hours(device, time.perf_counter() - started)
         # The test-set size lets the fidelity report put a confidence interval on tuned vs baseline.
         test_metrics = {**_strip(test, "test", task.metrics), "n_examples": len(prepared.test)}
         return _completed(objectives, callback.last_metrics, test_metrics, extra, artifact, splits.record)
@@ -166,7 +170,9 @@ def _prepare_data(spec: Mapping[str, Any], config: Mapping[str, Any], task: Task
 
 def _completed(objectives: list[tuple[str, str]], validation: dict[str, float], test: dict[str, float],
                extra: dict[str, float], artifact: Path, record: dict[str, Any]) -> TrialOutcome:
-    values = [validation[metric] for metric, _ in objectives]
+    # An objective is a task metric on validation or a cost metric the trial measured (service.spec.COST_METRICS).
+    measured = {**{k: extra[k] for k in COST_METRICS if k in extra}, **validation}
+    values = [measured[metric] for metric, _ in objectives]
     multi = len(values) > 1
     return TrialOutcome(False, None if multi else values[0], values if multi else None, validation,
                         test, extra, artifact, record)
@@ -318,12 +324,19 @@ def _rung_steps(rungs: list[int], total_steps: int) -> dict[int, list[int]]:
     return due
 
 
+def _rung_metric(objectives: list[tuple[str, str]], metric_names: tuple[str, ...]) -> str:
+    """The metric reported at rungs: the first objective an evaluation measures, else the loss (a cost metric is
+    only known at the end; studies whose first objective is one are multi-objective or unpruned, so the
+    server uses rung values for neither)."""
+    return next((metric for metric, _ in objectives if metric in metric_names), "loss")
+
+
 class _RungCallback(TrainerCallback):
     """Evaluates at rung steps, reports, and stops training on prune, stop, or a non-finite loss."""
 
     def __init__(self, rungs: list[int], report: Report, objectives: list[tuple[str, str]],
                  metric_names: tuple[str, ...], should_stop: Callable[[], bool]):
-        self.rungs, self.report, self.objective = rungs, report, objectives[0][0]
+        self.rungs, self.report, self.objective = rungs, report, _rung_metric(objectives, metric_names)
         self.metric_names, self.should_stop = metric_names, should_stop
         self.due: dict[int, list[int]] = {}
         self.eval_steps: set[int] = set()
@@ -420,6 +433,12 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _device_hours(device: str, seconds: float) -> float:
+    """Device-hours of `seconds` on this worker's one device (a worker trains on one); 0 on CPU, where no
+    accelerator is held (train_seconds still measures the time)."""
+    return seconds / 3600 if device.startswith("cuda") else 0.0
+
+
 def _extra(train_metrics: Mapping[str, float], trainer: Any, callback: _RungCallback, loaded: Any, device: str,
            started: float, trainable: int, total_params: int, earlier: Mapping[str, float]) -> dict[str, float]:
     """The trial's counters: this segment's plus, for a resumed trial, its earlier segments' (`earlier`)."""
@@ -431,11 +450,11 @@ def _extra(train_metrics: Mapping[str, float], trainer: Any, callback: _RungCall
     return {
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
-        # device-hours of the whole trial, one device
-        "gpu_hours": earlier.get("gpu_hours", 0.0) + (time.perf_counter() - started) / 3600,
+        # device-hours of the whole trial (loading and evaluation included)
+        "gpu_hours": earlier.get("gpu_hours", 0.0) + _device_hours(device, time.perf_counter() - started),
         "peak_memory_mb": _peak_memory_mb(device),
         "samples_trained": samples,
-        "train_samples_per_second": samples / pure_train,
+        "samples_per_second": samples / pure_train,
         "total_steps": float(trainer.state.max_steps),
         "steps_done": float(trainer.state.global_step),
         "model_load_seconds": loaded.load_seconds,

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tunefleet import __version__
-from tunefleet.service.api import metrics, projects, studies, tokens, trials
+from tunefleet.service.api import assets, metrics, projects, studies, tokens, trials
 from tunefleet.service.api.deps import RETRY_AFTER_SECONDS, errors, principal_for
 from tunefleet.service.backend import Backend
 from tunefleet.service.config import Settings, get_settings, is_loopback
@@ -370,7 +370,7 @@ def create_app(settings: Settings | None = None, *, auth_enabled: bool | None = 
     app.state.auth_enabled = settings.auth_enabled() if auth_enabled is None else auth_enabled
     # /metrics: a token of any role when TUNEFLEET_METRICS_AUTH says so, else whenever auth is on.
     app.state.metrics_auth = app.state.auth_enabled if settings.metrics_auth is None else settings.metrics_auth
-    for router in (studies.router, trials.router, tokens.router, projects.router):
+    for router in (studies.router, trials.router, tokens.router, projects.router, *assets.routers):
         app.include_router(router)
 
     _add_error_handlers(app)

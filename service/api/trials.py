@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tunefleet.service import leases, studies
 from tunefleet.service.api import metrics
 from tunefleet.service.api.deps import BackendDep, LeaseToken, Reader, WorkerOrAdmin, errors
-from tunefleet.service.artifacts import artifact_path, check_name_free, clean_name, list_artifacts, record_artifact
+from tunefleet.service.artifacts import artifact_chunks, check_name_free, clean_name, list_artifacts, record_artifact
 from tunefleet.service.backend import Backend
 from tunefleet.service.errors import TooLarge
 from tunefleet.service.schemas import (
@@ -89,7 +90,7 @@ def fail(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, body: FailIn, tok
             responses=errors(404, 409, 413, 422), openapi_extra=_UPLOAD_BODY)
 async def put_artifact(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, name: str, request: Request,
                        token: LeaseToken = None) -> ArtifactOut:
-    """Upload one file (streamed to disk, then renamed into place); the same name again replaces it. Over
+    """Upload one file (streamed to a spool file, then put into the store); the same name again replaces it. Over
     TUNEFLEET_MAX_ARTIFACT_MB: 413."""
     clean_name(name)
     await run_in_threadpool(leases.require_holder, backend, trial_id, token)  # before reading the body
@@ -98,7 +99,7 @@ async def put_artifact(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, nam
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:  # refused before a byte is read
         raise _too_large(backend, name)
-    fd, tmp = backend.artifacts.incoming()
+    fd, tmp = backend.store.incoming()
     digest, size = hashlib.sha256(), 0
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -125,8 +126,14 @@ def get_artifacts(backend: BackendDep, principal: Reader, trial_id: int) -> list
     return list_artifacts(backend, trial_id)
 
 
-@router.get("/trials/{trial_id}/artifacts/{name:path}", response_class=FileResponse,
+@router.get("/trials/{trial_id}/artifacts/{name:path}", response_class=StreamingResponse,
             responses={200: {"description": "the file's bytes", "content": _BINARY}, **errors(404, 422)})
-def download_artifact(backend: BackendDep, principal: Reader, trial_id: int, name: str) -> FileResponse:
+def download_artifact(backend: BackendDep, principal: Reader, trial_id: int, name: str) -> StreamingResponse:
+    """The file's bytes, streamed from the store (a local folder or object storage)."""
     studies.check_trial_access(backend, principal, trial_id)
-    return FileResponse(artifact_path(backend, trial_id, name), media_type="application/octet-stream")
+    return octet_stream(*artifact_chunks(backend, trial_id, name))
+
+
+def octet_stream(chunks: Iterator[bytes], size: int) -> StreamingResponse:
+    """A download streamed chunk by chunk from the store, with its length."""
+    return StreamingResponse(chunks, media_type="application/octet-stream", headers={"Content-Length": str(size)})

@@ -71,7 +71,7 @@ def test_study_prunes_at_20_percent_and_completes_with_metrics_and_adapters(live
         assert "adapter_model.safetensors" in " ".join(artifacts[t["id"]]) or \
             "model.safetensors" in " ".join(artifacts[t["id"]])
         assert "trainer_log.json" in artifacts[t["id"]]
-        assert t["extra"]["train_samples_per_second"] > 0
+        assert t["extra"]["samples_per_second"] > 0
     for t in pruned:
         assert t["test_metrics"] == {} and artifacts[t["id"]] == []
 

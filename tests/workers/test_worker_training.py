@@ -33,7 +33,7 @@ def test_each_task_trains_and_reports_its_metrics(task, make_spec, tmp_path, cac
     objective = make_spec(task)["objective"]["metric"]
     assert out.value == reports.calls[-1][1] == out.validation_metrics[objective]
     assert out.values is None
-    for key in ("train_seconds", "gpu_hours", "peak_memory_mb", "train_samples_per_second", "total_steps",
+    for key in ("train_seconds", "gpu_hours", "peak_memory_mb", "samples_per_second", "total_steps",
                 "model_load_seconds", "base_model_cached"):
         assert key in out.extra
 

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from tunefleet.cli.app import CliError, client_for, command, db_app, project_app, settings, token_app
+from tunefleet.cli.app import (
+    CliError,
+    client_for,
+    command,
+    db_app,
+    project_app,
+    read_token_file,
+    settings,
+    token_app,
+)
 from tunefleet.cli.app import app as root_app
 from tunefleet.cli.render import console, err_console, records_table
 
@@ -78,6 +90,51 @@ def token_create(
     plain = create_token(settings(), name, role.value, parse_grants(project or []))
     err_console.print(f"[green]created[/] {role.value} token [bold]{escape(name)}[/]; it is shown only now:")
     console.print(plain, soft_wrap=True, highlight=False)
+
+
+# The tokens `token bootstrap` keeps in its folder, one file each: an admin's and the workers'.
+BOOTSTRAP_ROLES = (Role.admin, Role.worker)
+
+
+@command(token_app, "bootstrap")
+def token_bootstrap(
+    folder: Annotated[Path, typer.Argument(
+        metavar="DIR", help="Folder of the token files admin.token and worker.token.")],
+) -> None:
+    """Make sure DIR/admin.token and DIR/worker.token hold tokens the database accepts, working on the database
+    directly (like `token create`). A missing file gets a new token (mode 600); a file already there (a secret
+    you generated, e.g. a mounted Kubernetes Secret) is registered when the database does not know it; a known
+    one is left alone. Safe to run at every start (docker-compose.yml does); never prints a secret."""
+    from tunefleet.service.auth import register_token
+
+    for role in BOOTSTRAP_ROLES:
+        path = folder / f"{role.value}.token"
+        created = _write_new_token(path)
+        secret = read_token_file(path, label="token bootstrap:")
+        added = register_token(settings(), f"bootstrap-{role.value}", role.value, secret)
+        state = "created" if created else "registered" if added else "already registered"
+        console.print(f"{role.value} token {escape(str(path))}: {state}")
+
+
+def _write_new_token(path: Path) -> bool:
+    """Write a new secret to `path`, readable by its owner only, unless the file exists; whether it wrote one.
+    The file appears whole or not at all (a hard link of a finished temporary file), so two bootstraps at
+    once keep one secret."""
+    from tunefleet.service.auth import new_token_secret
+
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, draft = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 600
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(new_token_secret() + "\n")
+        os.link(draft, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(draft)
+    return True
 
 
 def parse_grants(options: list[str]) -> dict[str, str]:

@@ -142,23 +142,24 @@ def connection(ctx: typer.Context, server: str | None = None, token: str | None 
     return server or "http://127.0.0.1:8000", token
 
 
-def read_token_file(path: Path) -> str:
-    """The token in `path`, surrounding whitespace stripped; CliError when it is missing, unreadable or empty."""
+def read_token_file(path: Path, label: str = "--token-file") -> str:
+    """The token in `path`, surrounding whitespace stripped; CliError (naming `label`, the option or command
+    that gave the path) when it is missing, unreadable or empty."""
     try:
         token = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
-        raise CliError(f"--token-file {path}: no such file") from None
+        raise CliError(f"{label} {path}: no such file") from None
     except IsADirectoryError:
-        raise CliError(f"--token-file {path}: is a folder, not a file") from None
+        raise CliError(f"{label} {path}: is a folder, not a file") from None
     except PermissionError:
-        raise CliError(f"--token-file {path}: permission denied (this user cannot read it)") from None
+        raise CliError(f"{label} {path}: permission denied (this user cannot read it)") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"--token-file {path}: cannot read it ({exc})") from None
+        raise CliError(f"{label} {path}: cannot read it ({exc})") from None
     if not token:
-        raise CliError(f"--token-file {path} is empty: write the token into it (`tunefleet token create` "
+        raise CliError(f"{label} {path} is empty: write the token into it (`tunefleet token create` "
                        "prints one)")
     if any(c.isspace() for c in token):
-        raise CliError(f"--token-file {path} holds more than one word: it must hold only the token")
+        raise CliError(f"{label} {path} holds more than one word: it must hold only the token")
     return token
 
 

@@ -103,6 +103,9 @@ def progress_text(study: Mapping[str, Any]) -> str:
 
 
 def best_value(study: Mapping[str, Any]) -> Any:
+    """The best trial's value, or how many trials a multi-objective study has on its Pareto front."""
+    if study.get("best_trial") is None and study.get("best_trials"):
+        return f"{len(study['best_trials'])} on the Pareto front"
     best = study.get("best_trial") or {}
     return best.get("value") if best.get("values") is None or len(best["values"]) == 1 else best["values"]
 
@@ -138,8 +141,9 @@ def show_trial(trial: Mapping[str, Any], title: str) -> None:
         "started": trial.get("datetime_start"),
         "finished": trial.get("datetime_complete"),
         **({"fail reason": trial["fail_reason"]} if trial.get("fail_reason") else {}),
+        **({"feasible": trial["feasible"]} if trial.get("feasible") is not None else {}),
     }, title=title))
-    for name in ("params", "intermediate_values", "validation_metrics", "test_metrics"):
+    for name in ("params", "intermediate_values", "validation_metrics", "test_metrics", "constraints"):
         if trial.get(name):
             console.print(kv_table(trial[name], title=name.replace("_", " ")))
 

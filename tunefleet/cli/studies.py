@@ -174,17 +174,39 @@ def _show_study(client: Client, study: Mapping[str, Any]) -> None:
         "created": study.get("created_at"),
     }))
     best = study.get("best_trial")
+    front = study.get("best_trials") or []
     baseline = None
     if study.get("baseline_trial_id") is not None:
         baseline = client.get_trial(study["baseline_trial_id"])
     if best:
         show_trial(best, title="best trial")
+    elif front:
+        console.print(pareto_table(spec, front))
     else:
-        console.print("[dim]no completed trial yet[/]")
+        console.print("[dim]no completed trial yet[/]" if not spec.get("constraints") else
+                      "[dim]no completed trial that meets the constraints yet[/]")
     if baseline:
         console.print(kv_table({"trial": f"#{baseline.get('number')} (id {baseline['id']})",
                                  "state": baseline.get("state"), "value": baseline.get("value"),
                                  "params": baseline.get("params")}, title="baseline"))
+
+
+def pareto_table(spec: Mapping[str, Any], front: list[Mapping[str, Any]]) -> Table:
+    """The Pareto front as a table: one row per trial, a column per objective (↑ maximized, ↓ minimized)."""
+    objectives = spec.get("objective")
+    objectives = objectives if isinstance(objectives, list) else [objectives or {}]
+    table = Table(title=f"Pareto front: {len(front)} trial(s) no other beats on every objective "
+                  "(`tunefleet study export ID --trial N --out DIR` exports one)", title_justify="left")
+    table.add_column("trial")
+    table.add_column("id")
+    for o in objectives:
+        table.add_column(f"{o.get('metric')} {'↓' if o.get('direction') == 'minimize' else '↑'}", justify="right")
+    table.add_column("params", overflow="fold")
+    for trial in front:
+        baseline = " (baseline)" if trial.get("is_baseline") else ""
+        table.add_row(f"#{trial.get('number')}{baseline}", str(trial["id"]),
+                      *(fmt(v) for v in trial.get("values") or []), fmt(trial.get("params")))
+    return table
 
 
 @command(study_app, "pause")

@@ -45,6 +45,9 @@ def worker(
     simulated: Annotated[bool, typer.Option("--simulated", help="Torch-free simulated training.")] = False,
     worker_id: Annotated[str | None, typer.Option(help="(default: <hostname>-<device>)")] = None,
     workdir: WorkDir = Path(".tunefleet/work"),
+    cache_dir: Annotated[Path | None, typer.Option(
+        help="Folder for uploaded data sets and models fetched from the server, by hash, shared by the node's "
+             "workers (default: 'cache' beside --workdir).")] = None,
     idle_sleep: IdleSleep = 2.0,
     log_level: LogLevel = "INFO",
 ) -> None:
@@ -58,11 +61,11 @@ def worker(
         if not indices:
             raise CliError("--gpus: no GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
         options = {"max_trials": max_trials, "once": once, "simulated": simulated, "workdir": workdir,
-                   "idle_sleep": idle_sleep, "log_level": log_level}
+                   "cache_dir": cache_dir, "idle_sleep": idle_sleep, "log_level": log_level}
         raise typer.Exit(run_worker_fleet(url, token, indices, options))
     device = device or ("cuda:0" if visible_gpus() else "cpu")
     run_worker(url, token, device=device, worker_id=worker_id, max_trials=max_trials, once=once,
-               simulated=simulated, workdir=workdir, idle_sleep=idle_sleep, log_level=log_level)
+               simulated=simulated, workdir=workdir, cache_dir=cache_dir, idle_sleep=idle_sleep, log_level=log_level)
 
 
 @command(root_app, context_settings={"allow_interspersed_args": False})
