@@ -130,7 +130,9 @@ def pin_inputs(backend: Backend, spec: Mapping[str, Any]) -> dict[str, Any]:
     """`spec` with every `tunefleet://NAME` reference pinned to the version it names now
     (`tunefleet://NAME@VERSION`), so a later upload under the same name does not change a running study;
     InvalidInput (422) naming each reference to nothing, or to a file the upload does not hold."""
-    pinned: dict[str, Any] = {**spec, "data": dict(spec["data"])}
+    pinned: dict[str, Any] = {**spec}
+    if spec.get("data") is not None:  # a script study may have none
+        pinned["data"] = dict(spec["data"])
     errors: list[dict[str, Any]] = []
     for loc, kind, value in input_fields(spec):
         try:

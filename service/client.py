@@ -29,7 +29,7 @@ import tarfile
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -346,10 +346,11 @@ class Client:
 
     # -- the worker protocol --------------------------------------------------------------------
 
-    def lease(self, worker_id: str, device: Mapping[str, Any], hostname: str, devices: int = 1
-              ) -> dict[str, Any] | None:
+    def lease(self, worker_id: str, device: Mapping[str, Any], hostname: str, devices: int = 1,
+              tasks: Sequence[str] | None = None) -> dict[str, Any] | None:
         """POST /leases: the next trial to run, or None when no study has work (204). `devices`: how many
-        devices this worker can train one trial on (studies needing more are not leased to it).
+        devices this worker can train one trial on (studies needing more are not leased to it). `tasks`: the
+        study tasks this worker runs (None: the built-in ones; `tunefleet agent` runs ``script``).
 
         One request id per call, reused by this call's retries, so a lease whose answer was lost is
         handed back again instead of leaking a second trial. The answer's `lease_token` is kept: the
@@ -357,6 +358,8 @@ class Client:
         """
         body = {"worker_id": worker_id, "request_id": str(uuid.uuid4()), "device": dict(device),
                 "devices": devices, "hostname": hostname}
+        if tasks is not None:
+            body["tasks"] = list(tasks)
         leased = self._json("POST", "/leases", json=body)
         if leased is not None:
             self._lease_tokens[leased["trial_id"]] = leased["lease_token"]

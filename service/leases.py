@@ -55,7 +55,13 @@ from tunefleet.service.schemas import (
     ResumeOut,
     TrialOut,
 )
-from tunefleet.service.spec import STUDY_FAILURES, ReportAction, checkpoint_storage, constraint_violations
+from tunefleet.service.spec import (
+    BUILTIN_TASKS,
+    STUDY_FAILURES,
+    ReportAction,
+    checkpoint_storage,
+    constraint_violations,
+)
 from tunefleet.service.storage import optuna_now, trial_storage_id, unleased_running_trials
 from tunefleet.service.studies import (
     aware,
@@ -100,6 +106,7 @@ def lease(backend: Backend, body: LeaseIn, principal: Principal) -> LeaseOut | N
         candidates = session.scalars(
             running.order_by(in_flight, StudyRow.last_leased_at.asc().nulls_first(), StudyRow.id)
         ).all()
+    served = set(body.tasks if body.tasks is not None else BUILTIN_TASKS)
     for study_id in candidates:
         try:
             runtime = backend.runtime(study_id)
@@ -107,6 +114,8 @@ def lease(backend: Backend, body: LeaseIn, principal: Principal) -> LeaseOut | N
             continue  # deleted meanwhile
         if runtime.spec.resources.gpus_per_trial > body.devices:
             continue  # its trials need more devices than this worker has (tunefleet worker --nproc)
+        if runtime.spec.task not in served:
+            continue  # a script study is for `tunefleet agent`, the built-in tasks for the worker
         leased = _resume_from(backend, runtime, body, principal) or _lease_from(backend, runtime, body, principal)
         if leased is not None:
             return leased

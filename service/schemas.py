@@ -9,7 +9,7 @@ from typing import Annotated, Any, ClassVar, Generic, Literal, NamedTuple, TypeV
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from tunefleet.service.spec import FailureKind, ReportAction
+from tunefleet.service.spec import FailureKind, ReportAction, StudyTask
 
 __all__ = [
     "AssetFile",
@@ -248,6 +248,9 @@ class LeaseIn(_In):
     devices: int = Field(1, ge=1, le=1024, description="devices this worker can train one trial on: no trial whose "
                          "study asks for more (resources.gpus_per_trial) is leased to it")
     hostname: str = Field("", max_length=200)
+    tasks: list[StudyTask] | None = Field(
+        None, min_length=1, description="the study tasks this worker runs (`tunefleet agent` sends [\"script\"]); "
+        "it is leased trials of studies of these tasks only. Default: every built-in task, not script")
 
 
 _SHA256 = r"^[0-9a-f]{64}$"

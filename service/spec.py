@@ -11,7 +11,7 @@ import difflib
 import math
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -24,6 +24,7 @@ __all__ = [
     "TASK_METRICS",
     "TRAINING_DEFAULTS",
     "TRAINING_PARAMS",
+    "BUILTIN_TASKS",
     "BudgetSpec",
     "CategoricalParam",
     "CheckpointSpec",
@@ -44,6 +45,7 @@ __all__ = [
     "SearchSpec",
     "SpecError",
     "StudySpec",
+    "StudyTask",
     "TaskName",
     "WarmStartSpec",
     "checkpoint_storage",
@@ -57,6 +59,10 @@ __all__ = [
 # The names below are spelled once each: the spec's fields take these Literal types (so the JSON schema
 # lists the choices and a wrong name is refused with them), and the other catalogues are keyed by them.
 TaskName = Literal["sequence-classification", "token-classification", "causal-lm", "sft"]
+# The tasks the built-in worker trains; `script` studies run the user's own program under `tunefleet agent`
+# (any parameters, any metrics). A lease request names the tasks its worker runs (LeaseIn.tasks).
+BUILTIN_TASKS: tuple[TaskName, ...] = get_args(TaskName)
+StudyTask = Literal[TaskName, "script"]
 # Keys of tunefleet.service.search.SAMPLERS / PRUNERS, the builders (tests/test_catalogues.py pins them).
 SamplerName = Literal["tpe", "mf-tpe", "gp", "random", "grid", "cmaes", "nsga2"]
 PrunerName = Literal["hyperband", "successive_halving", "median", "asha", "freeze-thaw", "none"]
@@ -321,6 +327,8 @@ def checkpoint_storage(spec: Mapping[str, Any], params: Mapping[str, Any]) -> st
     storage = str((spec.get("checkpoints") or {}).get("storage", "auto"))
     if storage != "auto":
         return storage
+    if spec.get("task") == "script":
+        return "upload"  # a script's checkpoint is whatever it writes: any agent can resume it
     method = params.get("method", (spec.get("fixed") or {}).get("method", TRAINING_DEFAULTS["method"]))
     return "node" if method == "full" else "upload"
 
@@ -369,10 +377,12 @@ class StudySpec(_Strict):
     project: str = Field("default", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
                          description="the project the study belongs to: who may see and change it (see docs/api.md)")
     description: str = ""
-    model: str = Field(min_length=1, description="hub id or local path of the base model")
+    model: str | None = Field(None, min_length=1, description="hub id or local path of the base model (required "
+                              "by the built-in tasks; a script study may name the model its script trains)")
     tokenizer: str | None = None
-    task: TaskName
-    data: DataSpec
+    task: StudyTask
+    data: DataSpec | None = Field(None, description="the examples (required by the built-in tasks; a script "
+                                  "study's script reads its own)")
     objective: Objectives
     constraints: list[ConstraintSpec] = Field(
         default_factory=list, description="bounds on reported metrics (task or cost metrics); a completed trial "
@@ -408,20 +418,25 @@ class StudySpec(_Strict):
     def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Cross-field problems pydantic's per-field checks cannot see, each as (field path, message)."""
         problems: list[tuple[tuple[str | int, ...], str]] = []
+        script = self.task == "script"
         for name, param in self.search_space.items():
-            msg = _param_name_problem(name)
+            msg = _script_param_problem(name) if script else _param_name_problem(name)
             if msg:
                 problems.append((("search_space", name), msg))
                 continue
+            if script:
+                continue  # a script's parameters take whatever values its search space says
             kind = TRAINING_PARAMS[name]
             if kind == "str" and not isinstance(param, CategoricalParam):
                 problems.append((("search_space", name), f"{name} takes names: use type: categorical with choices"))
             if kind == "int" and isinstance(param, FloatParam):
                 problems.append((("search_space", name, "type"), f"{name} is an integer: use type: int"))
         for name in self.fixed:
-            msg = _param_name_problem(name)
+            msg = _script_param_problem(name) if script else _param_name_problem(name)
             if msg:
                 problems.append((("fixed", name), msg))
+        problems.extend(((field,), f"required by task {self.task}: add it (only task: script may leave it out)")
+                        for field in ("model", "data") if not script and getattr(self, field) is None)
         problems.extend(self._metric_problems())
         names = [o.metric for o in self.objectives]
         if len(set(names)) != len(names):
@@ -452,12 +467,17 @@ class StudySpec(_Strict):
         return problems
 
     def metrics(self) -> tuple[str, ...]:
-        """The metrics this study's evaluations report: the task's, plus 'score' when sft has a scorer."""
+        """The metrics this study's evaluations report: the task's, plus 'score' when sft has a scorer; none
+        known in advance for a script (it reports any)."""
+        if self.task == "script":
+            return ()
         scored = (SCORER_METRIC,) if self.task == "sft" and self.evaluation.scorer else ()
         return (*TASK_METRICS[self.task], *scored)
 
     def _metric_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Objectives and constraints that name a metric no trial of this task reports."""
+        if self.task == "script":
+            return []  # a script reports any metric
         metrics = (*self.metrics(), *COST_METRICS)
         problems: list[tuple[tuple[str | int, ...], str]] = []
         named: list[tuple[tuple[str | int, ...], str]] = [
@@ -520,6 +540,18 @@ class StudySpec(_Strict):
         if not rungs or rungs[-1] != 100:
             rungs.append(100)
         return sorted(set(rungs))
+
+
+_SCRIPT_PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _script_param_problem(name: str) -> str | None:
+    """A script's parameters become environment variables (TUNEFLEET_PARAM_<NAME>) and `{name}` placeholders
+    of its command line, so their names are identifiers."""
+    if _SCRIPT_PARAM_NAME.match(name):
+        return None
+    return (f"parameter name {name!r} cannot name an environment variable (TUNEFLEET_PARAM_<NAME>) or a {{name}} "
+            "placeholder: use letters, digits and _, not starting with a digit")
 
 
 def _param_name_problem(name: str) -> str | None:

@@ -99,6 +99,8 @@ def command_problem(args: list[str]) -> str | None:
     path, positionals, i = "tunefleet", 0, 0
     while i < len(args):
         arg = args[i]
+        if arg == "--":  # what follows is another program's command line (`tunefleet agent -- python x.py`)
+            return None
         if arg.startswith("-") and arg != "-":
             name = arg.split("=", 1)[0]
             if name == "--help":
@@ -147,6 +149,8 @@ def test_the_docs_show_commands() -> None:
     (["study", "ls", "--all"], "has no option --all"),
     (["study", "show", "4", "5"], "extra '5'"),
     (["token", "create", "--name", "x", "--role=admin"], None),
+    (["agent", "--grace", "3", "--", "python", "train.py", "--lr", "{lr}"], None),
+    (["agent", "--lr", "3", "--", "python"], "has no option --lr"),
 ])
 def test_the_checker_itself(args: list[str], problem: str | None) -> None:
     found = command_problem(args)

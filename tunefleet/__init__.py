@@ -7,6 +7,7 @@ Every installed module lives under this one package:
 - `tunefleet.workers`: the fine-tuning workers (transformers + PEFT), which reach the server only
   through the client.
 - `tunefleet.migrations`: alembic migrations of tunefleet's own tables.
+- `tunefleet.sdk`: what a user's own training script imports under `tunefleet agent` (no torch).
 - The composition floor above them: `tunefleet.cli` (the `tunefleet` command), `tunefleet.demo`,
   `tunefleet.fidelity_plots` (the fidelity report drawn on the client side) and `tunefleet.fleet`
   (one worker process per GPU).

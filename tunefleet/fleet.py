@@ -1,4 +1,5 @@
-"""Running workers on this node: one worker process in the foreground, or a fleet of them, one per GPU.
+"""Running workers on this node: one worker process in the foreground, or a fleet of them, one per GPU, or an
+agent that runs the user's own script for each trial of a `task: script` study.
 
 Composition code: it builds a `WorkerLoop` from the client and a trainer, and supervises worker
 subprocesses (`tunefleet worker --device cuda:i`) for `tunefleet worker --gpus`.
@@ -10,6 +11,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -20,7 +22,7 @@ from rich.console import Console
 
 from tunefleet.service.client import Client
 
-__all__ = ["run_worker", "run_worker_fleet"]
+__all__ = ["run_agent", "run_worker", "run_worker_fleet"]
 
 _stderr = Console(stderr=True)
 
@@ -30,13 +32,9 @@ def run_worker(url: str, token: str | None, *, device: str, worker_id: str | Non
                cache_dir: Path | None = None, nproc: int = 1) -> None:
     """Train trials from the server at `url` on `device` (and the `nproc - 1` after it) until stopped (or until
     no work, with `once`)."""
-    from rich.logging import RichHandler
-
     from tunefleet.workers.loop import HFTrainer, Trainer, WorkerLoop, default_worker_id
 
-    logging.basicConfig(level=log_level.upper(), format="%(message)s",
-                        handlers=[RichHandler(console=_stderr, show_path=False)])
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the trial log
+    _log_to_stderr(log_level)
     trainer: Trainer
     if simulated:
         from tunefleet.workers.simulated import SimulatedTrainer
@@ -51,6 +49,33 @@ def run_worker(url: str, token: str | None, *, device: str, worker_id: str | Non
                           cache_dir=cache_dir, devices=nproc)
         loop.install_signal_handlers()
         loop.run()
+
+
+def run_agent(url: str, token: str | None, command: list[str], *, grace_seconds: float, worker_id: str | None,
+              max_trials: int | None, once: bool, workdir: Path, idle_sleep: float, log_level: str) -> None:
+    """Run `command` for each trial of the server's `task: script` studies until stopped (or until no work,
+    with `once`); see tunefleet.workers.agent."""
+    from tunefleet.workers.agent import ScriptTrainer
+    from tunefleet.workers.loop import WorkerLoop
+
+    _log_to_stderr(log_level)
+    trainer = ScriptTrainer(command, grace_seconds=grace_seconds)
+    device = "cuda:0" if trainer.gpus else "cpu"  # what the lease request says about this node
+    # Unique per process: several agents may serve one node.
+    worker_id = worker_id or f"{socket.gethostname()}-agent-{os.getpid()}"
+    with Client(url, token) as client:
+        loop = WorkerLoop(client, trainer, worker_id=worker_id, device=device, max_trials=max_trials, once=once,
+                          idle_sleep=idle_sleep, workdir=workdir, tasks=["script"])
+        loop.install_signal_handlers()
+        loop.run()
+
+
+def _log_to_stderr(log_level: str) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=log_level.upper(), format="%(message)s",
+                        handlers=[RichHandler(console=_stderr, show_path=False)])
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the trial log
 
 
 def run_worker_fleet(url: str, token: str | None, groups: list[list[int]], options: Mapping[str, Any]) -> int:

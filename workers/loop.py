@@ -31,7 +31,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -52,6 +52,7 @@ from tunefleet.workers.errors import TrialFailed, TrialInterrupted, summarise
 from tunefleet.workers.inputs import InputCache
 
 __all__ = [
+    "LOGS_FOLDER",
     "HFTrainer",
     "Outcome",
     "ReportFn",
@@ -72,6 +73,9 @@ MAX_SERVER_ERRORS = 3
 CHECKPOINT_SWEEP_SECONDS = 60.0
 # report(step, value, metrics) -> the server's action: "continue", "prune" or "pause".
 ReportFn = Callable[[int, float, dict[str, Any]], str]
+# A trainer's logs: the files it writes under this folder of the trial's folder are uploaded as artifacts of
+# the trial (`logs/<name>`) however the trial ends (complete, pruned, paused or failed).
+LOGS_FOLDER = "logs"
 
 
 class Outcome(Protocol):
@@ -223,6 +227,7 @@ class WorkerLoop:
         keep_trial_dirs: bool = False,
         cache_dir: Path | None = None,
         devices: int = 1,
+        tasks: Sequence[str] | None = None,
     ):
         self.client = client
         self.trainer = trainer
@@ -235,6 +240,7 @@ class WorkerLoop:
         self.hostname = hostname or socket.gethostname()
         self.keep_trial_dirs = keep_trial_dirs
         self.devices = devices
+        self.tasks = tasks  # the study tasks the trainer runs (None: the built-in ones)
         self.trials_run = 0
         # Checkpoints kept on this node (checkpoints.storage: node), shared by the node's workers: the
         # fleet gives them one work folder, so they live next to the per-worker folders.
@@ -325,7 +331,8 @@ class WorkerLoop:
             self._stopped_at = None
         while not self.shutting_down:
             try:
-                return self.client.lease(self.worker_id, self._device_info, self.hostname, devices=self.devices)
+                return self.client.lease(self.worker_id, self._device_info, self.hostname, devices=self.devices,
+                                         tasks=self.tasks)
             except AuthError:
                 raise
             except ApiError as exc:
@@ -377,6 +384,7 @@ class WorkerLoop:
                          **({"resume_dir": str(resume_dir)} if resume_dir else {})}
             outcome = self.trainer.run(run_lease, report, should_stop, trial_dir)
         except TrialInterrupted:
+            self._upload_logs(trial_id, trial_dir)
             heartbeat.stop()
             reason = "worker shutting down" if self.shutting_down else f"stopped by the server: {heartbeat.reason}"
             self._fail(trial_id, reason, retryable=True)
@@ -384,16 +392,19 @@ class WorkerLoop:
         except AuthError:
             raise  # from the report callback: a rejected token ends the worker
         except TrialFailed as exc:
+            self._upload_logs(trial_id, trial_dir)
             heartbeat.stop()
             log.error("trial %s failed (%s): %s", trial_id, type(exc).__name__, exc.reason)
             self._fail(trial_id, exc.reason, retryable=exc.retryable, kind=exc.kind)
             return
         except Exception as exc:  # a bug or an unexpected library error: report it, keep serving
+            self._upload_logs(trial_id, trial_dir)
             heartbeat.stop()
             log.exception("trial %s crashed", trial_id)
             self._fail(trial_id, summarise(exc), retryable=True, kind="crash")
             return
         seconds = time.monotonic() - started
+        self._upload_logs(trial_id, trial_dir)
         if outcome.paused_at is not None:
             self._pause(lease, trial_dir, outcome, heartbeat)
             log.info("trial %s paused at %s%% after %.1f s", trial_id, outcome.paused_at, seconds)
@@ -403,6 +414,13 @@ class WorkerLoop:
             log.info("trial %s pruned after %.1f s", trial_id, seconds)
             return
         self._complete(trial_id, outcome, seconds, heartbeat)
+
+    def _upload_logs(self, trial_id: int, trial_dir: Path) -> None:
+        """Upload the trainer's logs (`LOGS_FOLDER`), before the trial's final write: a resumed trial gets a
+        new lease token, and only the holder's token may upload."""
+        for path, name in _artifact_files(trial_dir / LOGS_FOLDER):
+            self._persist(functools.partial(self.client.upload_artifact, trial_id, f"{LOGS_FOLDER}/{name}", path),
+                          f"upload {LOGS_FOLDER}/{name}")
 
     def _fetch_checkpoint(self, lease: Mapping[str, Any], trial_dir: Path) -> Path | None:
         """The checkpoint a resumed lease continues from, checked against its SHA-256; None to start from the

@@ -94,12 +94,12 @@ def model_card(study: Mapping[str, Any], trial: Mapping[str, Any], baseline: Map
     spec = study.get("spec") or {}
     objectives = spec.get("objective")
     has_adapter = any(name.startswith("adapter/") for name in files)
-    base = base_model(str(spec.get("model", "")))
+    base = base_model(str(spec.get("model") or ""))
     lines = ["---", *([f"base_model: {base}"] if base else []),
              *(["library_name: peft"] if has_adapter else []), "tags: [tunefleet, optuna]", "---", "",
              f"# {study['name']}: trial #{trial.get('number')}", "",
-             f"Fine-tuned from `{_model_shown(str(spec.get('model', '')))}` for {spec.get('task')}, selected by "
-             f"tunefleet study "
+             f"Fine-tuned from `{_model_shown(str(spec.get('model') or 'unknown'))}` for {spec.get('task')}, "
+             "selected by tunefleet study "
              f"{study['name']} (id {study['id']}) out of {study.get('trials_used', '?')} trials.", "",
              f"- objective: `{json.dumps(objectives)}`",
              f"- value: {fmt(trial.get('value') if trial.get('value') is not None else trial.get('values'))}",
