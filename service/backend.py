@@ -25,12 +25,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from tunefleet.service.config import Settings
 from tunefleet.service.db import engine_kwargs, make_engine, transaction
 from tunefleet.service.errors import NotFound
+from tunefleet.service.priors import PriorTrialsSampler, prior_trials
 from tunefleet.service.search import build_pruner, build_sampler, distributions
 from tunefleet.service.spec import StudySpec
 from tunefleet.service.storage import BoundedHistorySampler, ServerStorage, one_thread_for_gp
 from tunefleet.service.stores import Store, open_store
 from tunefleet.service.tables import Lease
 from tunefleet.service.tables import Study as StudyRow
+
+# Samplers whose proposals read the study's completed trials, so a warm start's earlier trials inform them.
+WARM_START_SAMPLERS = ("tpe", "gp")
 
 if TYPE_CHECKING:
     from tunefleet.service.queue import QueueFiller
@@ -141,12 +145,35 @@ class Backend:
         return StudyRuntime(study_id, name, spec, study, distributions(spec), spec.rungs(), threading.Lock())
 
     def _sampler(self, spec: StudySpec) -> optuna.samplers.BaseSampler:
-        """The spec's sampler; TPE and GP of a single objective over a bounded history of the study."""
+        """The spec's sampler; TPE and GP of a single objective over a bounded history of the study, and
+        reading the earlier study's trials too when the spec warm-starts from one (service/priors.py)."""
         sampler = build_sampler(spec)
+        if spec.warm_start is not None and spec.search.sampler in WARM_START_SAMPLERS and not spec.multi_objective:
+            sampler = PriorTrialsSampler(sampler, lambda: self._warm_start_priors(spec))
         best, recent = self.settings.sampler_best_trials, self.settings.sampler_recent_trials
         if spec.search.sampler not in ("tpe", "gp") or spec.multi_objective or not (best or recent):
             return sampler
         return BoundedHistorySampler(sampler, best, recent)
+
+    def _warm_start_priors(self, spec: StudySpec) -> list[optuna.trial.FrozenTrial]:
+        """The completed, feasible trials of the study `spec` warm-starts from, in `spec`'s search space; none
+        when it is gone or optimises another metric or direction (its values would mislead the sampler)."""
+        assert spec.warm_start is not None
+        name = spec.warm_start.study
+        with self.session() as session:
+            raw = session.scalar(sa.select(StudyRow.spec).where(StudyRow.name == name))
+        if raw is None:
+            return []
+        earlier = StudySpec.model_validate(raw)
+        mine, theirs = spec.objectives[0], earlier.objectives[0]
+        if earlier.multi_objective or (mine.metric, mine.direction) != (theirs.metric, theirs.direction):
+            log.info("warm start from %s: it optimises another objective; only its enqueued configurations "
+                     "carry over", name)
+            return []
+        study_id = self.storage.get_study_id_from_name(name)
+        trials = self.storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        feasible = [t for t in trials if all(v <= 0.0 for v in t.constraints.values())]
+        return prior_trials(feasible, distributions(spec))
 
     def forget(self, study_id: int) -> None:
         with self._runtimes_lock:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import yaml
+from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from tests.conftest import LiveServer, study_spec
 from tunefleet.cli import app
 from tunefleet.service.client import ApiError, Client, ConflictError
+from tunefleet.service.priors import PriorTrialsSampler
 
 
 def test_an_enqueued_configuration_runs_next_with_its_values_and_counts_in_the_budget(server: LiveServer) -> None:
@@ -95,3 +98,35 @@ def test_a_warm_start_from_an_unknown_study_is_422_and_creates_nothing(server: L
             client.create_study(study_spec("cold", warm_start={"study": "nowhere"}))
         assert caught.value.status_code == 422 and "warm_start.study" in caught.value.message
         assert client.list_studies()["total"] == 0
+
+
+def test_a_warm_start_shows_the_earlier_trials_to_the_sampler_and_counts_none_of_them(server: LiveServer) -> None:
+    def score(params: dict) -> float:  # the earlier study: the higher the learning rate, the better
+        return (math.log10(params["learning_rate"]) + 5) / 3
+
+    search = {"sampler": "tpe", "pruner": "none", "seed": 0}
+    with Client(server.url) as client:
+        client.create_study(study_spec("earlier", baseline=None, budget={"max_trials": 12},
+                                         search={**search, "sampler": "random"}))
+        while (lease := client.lease("w", {}, "h")) is not None:
+            client.complete(lease["trial_id"], value=score(lease["params"]))
+        spec = study_spec("warm", baseline=None, warm_start={"study": "earlier", "top_k": 1}, search=search,
+                          budget={"max_trials": 7})
+        spec["search_space"]["lora_r"] = {"type": "categorical", "choices": [4, 8]}  # 16 and 32 left out
+        warm = client.create_study(spec)
+        proposed = [client.lease("w", {}, "h") for _ in range(7)]
+        for lease in proposed:
+            client.complete(lease["trial_id"], value=score(lease["params"]))
+        shown = client.get_study(warm["id"])
+        first = client.get_trial(proposed[0]["trial_id"])
+    assert first["user_attrs"]["warm_start_from"] == "earlier"  # the enqueued best comes first
+    sampler = server.backend.runtime(warm["id"]).study.sampler.sampler  # inside BoundedHistorySampler
+    assert isinstance(sampler, PriorTrialsSampler) and len(sampler.priors) == 12
+    assert all(p.params.get("lora_r", 4) in (4, 8) for p in sampler.priors), "values outside the space dropped"
+    study = server.backend.runtime(warm["id"]).study
+    assert len(sampler.view(study).get_trials(states=(TrialState.COMPLETE,))) == 12 + 7
+    assert len(study.get_trials()) == 7 and shown["trials_used"] == 7 and shown["state"] == "completed"
+    # TPE has 12 observations before its first proposal (n_startup_trials 10): it proposes where the earlier
+    # study did well (high learning rates) instead of starting from random search.
+    sampled = [math.log10(lease["params"]["learning_rate"]) for lease in proposed[1:]]
+    assert sum(sampled) / len(sampled) > -2.8, sampled  # -2.3 here; -3.1 without the earlier trials
