@@ -25,10 +25,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from tunefleet.service.config import Settings
 from tunefleet.service.db import engine_kwargs, make_engine, transaction
 from tunefleet.service.errors import NotFound
-from tunefleet.service.priors import PriorTrialsSampler, prior_trials
 from tunefleet.service.search import build_pruner, build_sampler, distributions
 from tunefleet.service.spec import StudySpec
-from tunefleet.service.storage import BoundedHistorySampler, ServerStorage, one_thread_for_gp
+from tunefleet.service.storage import (
+    BoundedHistorySampler,
+    PriorTrialsSampler,
+    ServerStorage,
+    one_thread_for_gp,
+    prior_trials,
+)
 from tunefleet.service.stores import Store, open_store
 from tunefleet.service.tables import Lease
 from tunefleet.service.tables import Study as StudyRow
@@ -146,7 +151,7 @@ class Backend:
 
     def _sampler(self, spec: StudySpec) -> optuna.samplers.BaseSampler:
         """The spec's sampler; TPE and GP of a single objective over a bounded history of the study, and
-        reading the earlier study's trials too when the spec warm-starts from one (service/priors.py)."""
+        reading the earlier study's trials too when the spec warm-starts from one (`PriorTrialsSampler`)."""
         sampler = build_sampler(spec)
         if spec.warm_start is not None and spec.search.sampler in WARM_START_SAMPLERS and not spec.multi_objective:
             sampler = PriorTrialsSampler(sampler, lambda: self._warm_start_priors(spec))

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from tests.conftest import LiveServer, study_spec
 from tunefleet.cli import app
 from tunefleet.service.client import ApiError, Client, ConflictError
-from tunefleet.service.priors import PriorTrialsSampler
+from tunefleet.service.storage import PriorTrialsSampler
 
 
 def test_an_enqueued_configuration_runs_next_with_its_values_and_counts_in_the_budget(server: LiveServer) -> None:

@@ -42,7 +42,7 @@ def _spec(make_spec: Callable[..., dict[str, Any]], name: str, **overrides: Any)
 
 @pytest.fixture
 def live(pg_url: str, tmp_path: Path) -> Iterator[LiveServer]:
-    with LiveServer(make_settings(pg_url, tmp_path / "server", lease_seconds=3.0,
+    with LiveServer(make_settings(pg_url, tmp_path / "server", lease_seconds=8.0,
                                   reaper_interval_seconds=0.3)) as server:
         yield server
 

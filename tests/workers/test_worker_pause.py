@@ -119,7 +119,7 @@ _DIES_ON_SECOND_CHECKPOINT = textwrap.dedent("""
 
 
 def test_a_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(pg_url, make_spec, tmp_path):
-    settings = make_settings(pg_url, tmp_path / "server", lease_seconds=3.0, reaper_interval_seconds=0.3)
+    settings = make_settings(pg_url, tmp_path / "server", lease_seconds=8.0, reaper_interval_seconds=0.3)
     root = tmp_path / "node"
     with LiveServer(settings) as live, Client(live.url) as client:
         whole = _uninterrupted(live.url, make_spec, root, "lora")
