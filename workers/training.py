@@ -37,7 +37,7 @@ from tunefleet.workers.methods import apply_method, count_parameters, save_model
 from tunefleet.workers.model_cache import ModelCache
 from tunefleet.workers.tasks import Prepared, Task, get_task
 
-__all__ = ["DEFAULTS", "TrialOutcome", "resolve_config", "run_trial"]
+__all__ = ["DEFAULTS", "TrialOutcome", "resolve_config", "resolve_precision", "run_trial"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,8 @@ def run_trial(spec: dict[str, Any], params: dict[str, Any], rungs: list[int], re
         splits.record["inputs"] = dict(inputs)
     loaded = cache.model(spec["model"], task, label_names, seed=config["seed"],
                          quantization=_quantization(config, device))
-    if not task.uses_labels and getattr(loaded.model.config, "pad_token_id", None) is None:
+    if getattr(loaded.model.config, "pad_token_id", None) is None:
+        # A decoder's classification head reads the last token that is not padding, so it must know the pad id.
         loaded.model.config.pad_token_id = tokenizer.pad_token_id
     if should_stop():
         raise TrialInterrupted("asked to stop before training started")
@@ -245,7 +246,7 @@ def _quantization(config: Mapping[str, Any], device: str) -> Any:
                               bnb_4bit_compute_dtype=compute)
 
 
-def _precision(config: Mapping[str, Any], device: str) -> str:
+def resolve_precision(config: Mapping[str, Any], device: str) -> str:
     """The format to train in, fp32, bf16 or fp16, with "auto" resolved for the device; raises InvalidConfig."""
     choice = config["precision"]
     cuda = device.startswith("cuda")
@@ -262,7 +263,7 @@ def _precision(config: Mapping[str, Any], device: str) -> str:
 
 def training_arguments(config: Mapping[str, Any], device: str, output_dir: Path) -> TrainingArguments:
     """TrainingArguments for `config` (transformers 5 names); no checkpoints, no progress bars."""
-    precision = _precision(config, device)
+    precision = resolve_precision(config, device)
     try:
         return TrainingArguments(
             output_dir=str(output_dir),

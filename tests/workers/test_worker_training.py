@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,27 @@ def test_causal_lm_generation_scores_right_and_wrong_answers(make_spec, cache):
     wrong = task.generation_metrics(Generator(lambda prompt: junk, tokenizer.pad_token_id), tokenizer, prepared,
                                     "test", batch_size=3)
     assert wrong["exact_match"] == 0.0 and wrong["attribute_precision"] == 0.0
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_decoder_without_a_pad_token_classifies_in_padded_batches(method, make_spec, tiny_llama, tmp_path, cache):
+    # Decoder LMs (Llama, GPT-2, SmolLM2 from a GGUF file) often ship no pad token and no pad_token_id; their
+    # classification head reads the last non-padding token, so the worker pads with eos and tells the config.
+    from transformers import AutoTokenizer, LlamaConfig
+
+    model = tmp_path / "no-pad-llama"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.eos_token = tokenizer.sep_token
+    tokenizer.pad_token = None
+    config = LlamaConfig.from_pretrained(tiny_llama)
+    config.pad_token_id = None
+    shutil.copytree(tiny_llama, model)
+    config.save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    assert AutoTokenizer.from_pretrained(model).pad_token is None
+    spec = make_spec("sequence-classification", fixed={"method": method, "num_epochs": 1})
+    spec["model"] = str(model)
+    reports = Reports()
+    outcome = run_trial(spec, {"learning_rate": 3e-3}, [50, 100], reports, workdir=tmp_path / "w", model_cache=cache)
+    assert [pct for pct, _, _ in reports.calls] == [50, 100]
+    assert 0.0 <= outcome.value <= 1.0 and outcome.test_metrics["n_examples"] == 48

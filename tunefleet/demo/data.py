@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,13 @@ def write_bbc_news(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     paths = {}
     for split, indices in parts.items():
         path = out / f"{split}.jsonl"
-        with path.open("w", encoding="utf-8") as fh:
+        # Written aside and renamed over: a reader (another worker or recorder on this node) sees the old
+        # file or the new one, never a half-written one.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
             for i in indices:
                 fh.write(json.dumps(records[i], ensure_ascii=False) + "\n")
+        tmp.replace(path)
         paths[split] = path
     return paths
 
