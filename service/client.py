@@ -45,6 +45,7 @@ __all__ = [
     "ConflictError",
     "NotFoundError",
     "ServerUnavailable",
+    "file_sha256",
 ]
 
 API_PREFIX = "/api/v1"
@@ -503,6 +504,7 @@ def pack_files(source: Path, tar_path: Path) -> None:
 
 
 def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of one file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -14,7 +14,9 @@ import shutil
 import tarfile
 from pathlib import Path
 
-__all__ = ["NodeCheckpoints", "artifact_name", "file_digest", "folder_digest", "pack", "unpack"]
+from tunefleet.service.client import file_sha256
+
+__all__ = ["NodeCheckpoints", "artifact_name", "folder_digest", "pack", "unpack"]
 
 
 def artifact_name(step: int) -> str:
@@ -29,7 +31,7 @@ def pack(folder: Path, tar_path: Path) -> tuple[str, int]:
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 tar.add(path, arcname=path.relative_to(folder).as_posix())
-    return file_digest(tar_path), tar_path.stat().st_size
+    return file_sha256(tar_path), tar_path.stat().st_size
 
 
 def unpack(tar_path: Path, folder: Path) -> None:
@@ -48,15 +50,6 @@ def folder_digest(folder: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
         digest.update(b"\0")
-    return digest.hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of one file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
     return digest.hexdigest()
 
 

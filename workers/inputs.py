@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tunefleet.service.client import file_sha256
 from tunefleet.service.refs import input_fields, is_remote, parse_ref
-from tunefleet.workers.checkpoints import file_digest, folder_digest
+from tunefleet.workers.checkpoints import folder_digest
 from tunefleet.workers.errors import DataError, ModelLoadError, TrialFailed
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ class InputCache:
                 sha256 = folder_digest(target)
             else:
                 fs.get(path, str(target))
-                sha256 = file_digest(target)
+                sha256 = file_sha256(target)
             final = self.root / "remote" / sha256
             try:
                 incoming.rename(final)

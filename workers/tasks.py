@@ -217,6 +217,32 @@ class _Generative(Task):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
+    def example(self, row: Mapping[str, Any], data: Mapping[str, Any], tokenizer: Any, max_length: int,
+                where: str) -> tuple[list[int], list[int], Any]:
+        """One row as (prompt ids, completion ids, the reference its generation is scored against)."""
+        raise NotImplementedError
+
+    def prepare(self, splits: Splits, tokenizer: Any, data: Mapping[str, Any], label_names: list[str] | None,
+                max_length: int) -> Prepared:
+        from transformers import DataCollatorForSeq2Seq
+
+        out: dict[str, list[dict[str, Any]]] = {}
+        references: dict[str, list[tuple[list[int], Any]]] = {}
+        longest = 0
+        for split, rows in splits.items():
+            features, refs = [], []
+            for i, row in enumerate(rows):
+                prompt_ids, completion_ids, reference = self.example(row, data, tokenizer, max_length,
+                                                                     f"{split} example {i}")
+                features.append(completion_only(prompt_ids, completion_ids))
+                refs.append((prompt_ids, reference))
+                if split == "train":
+                    longest = max(longest, len(completion_ids))
+            out[split], references[split] = features, refs
+        return Prepared(out["train"], out["validation"], out["test"],
+                        DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE), references=references,
+                        max_new_tokens=min(longest + 8, self.max_new_tokens_cap))
+
 
 class CausalLM(_Generative):
     """Generative attribute extraction: prompt → JSON object; trained on prompt+target, loss on the target only."""
@@ -237,32 +263,15 @@ class CausalLM(_Generative):
             raise DataError(f"{where}: target must be a JSON object of attributes, got {type(value).__name__}")
         return value
 
-    def prepare(self, splits: Splits, tokenizer: Any, data: Mapping[str, Any], label_names: list[str] | None,
-                max_length: int) -> Prepared:
-        from transformers import DataCollatorForSeq2Seq
-
+    def example(self, row: Mapping[str, Any], data: Mapping[str, Any], tokenizer: Any, max_length: int,
+                where: str) -> tuple[list[int], list[int], Any]:
+        target = self._target(row[data["target"]], where)
+        target_ids = tokenizer(json.dumps(target, ensure_ascii=False), add_special_tokens=False)["input_ids"]
+        target_ids = target_ids[: max_length // 2] + [tokenizer.eos_token_id]
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        eos = [tokenizer.eos_token_id]
-        out: dict[str, list[dict[str, Any]]] = {}
-        references: dict[str, list[tuple[list[int], Any]]] = {}
-        longest_target = 0
-        for split, rows in splits.items():
-            features, refs = [], []
-            for i, r in enumerate(rows):
-                target = self._target(r[data["target"]], f"{split} example {i}")
-                target_ids = tokenizer(json.dumps(target, ensure_ascii=False), add_special_tokens=False)["input_ids"]
-                target_ids = target_ids[: max_length // 2] + eos
-                prompt_ids = bos + tokenizer(str(r[data["prompt"]]), add_special_tokens=False)["input_ids"]
-                # Keep the end of a long prompt: it is nearest to the answer.
-                prompt_ids = prompt_ids[-(max_length - len(target_ids)):]
-                features.append(completion_only(prompt_ids, target_ids))
-                refs.append((prompt_ids, target))
-                if split == "train":
-                    longest_target = max(longest_target, len(target_ids))
-            out[split], references[split] = features, refs
-        return Prepared(out["train"], out["validation"], out["test"],
-                        DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE), references=references,
-                        max_new_tokens=min(longest_target + 8, self.max_new_tokens_cap))
+        prompt_ids = bos + tokenizer(str(row[data["prompt"]]), add_special_tokens=False)["input_ids"]
+        # Keep the end of a long prompt: it is nearest to the answer.
+        return prompt_ids[-(max_length - len(target_ids)):], target_ids, target
 
     def generation_metrics(self, model: Any, tokenizer: Any, prepared: Prepared, split: str,
                            batch_size: int) -> dict[str, float]:
@@ -372,28 +381,13 @@ class SFT(_Generative):
                             f"{exc}") from exc
         return SFTExample(rendered["prompt"], rendered["completion"], reference, templated=True)
 
-    def prepare(self, splits: Splits, tokenizer: Any, data: Mapping[str, Any], label_names: list[str] | None,
-                max_length: int) -> Prepared:
-        from transformers import DataCollatorForSeq2Seq
-
-        out: dict[str, list[dict[str, Any]]] = {}
-        references: dict[str, list[tuple[list[int], Any]]] = {}
-        longest = 0
-        for split, rows in splits.items():
-            features, refs = [], []
-            for i, row in enumerate(rows):
-                example = self.render(row, data, tokenizer, f"{split} example {i}")
-                prompt_ids, completion_ids = self._tokenize(example, tokenizer, max_length, f"{split} example {i}")
-                features.append(completion_only(prompt_ids, completion_ids))
-                # Exact match compares with the completion as the tokenizer decodes it, as it decodes a generation.
-                decoded = tokenizer.decode(completion_ids, skip_special_tokens=True)
-                refs.append((prompt_ids, (example.reference, decoded)))
-                if split == "train":
-                    longest = max(longest, len(completion_ids))
-            out[split], references[split] = features, refs
-        return Prepared(out["train"], out["validation"], out["test"],
-                        DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE), references=references,
-                        max_new_tokens=min(longest + 8, self.max_new_tokens_cap))
+    def example(self, row: Mapping[str, Any], data: Mapping[str, Any], tokenizer: Any, max_length: int,
+                where: str) -> tuple[list[int], list[int], Any]:
+        rendered = self.render(row, data, tokenizer, where)
+        prompt_ids, completion_ids = self._tokenize(rendered, tokenizer, max_length, where)
+        # Exact match compares with the completion as the tokenizer decodes it, as it decodes a generation.
+        decoded = tokenizer.decode(completion_ids, skip_special_tokens=True)
+        return prompt_ids, completion_ids, (rendered.reference, decoded)
 
     @staticmethod
     def _tokenize(example: SFTExample, tokenizer: Any, max_length: int, where: str) -> tuple[list[int], list[int]]:

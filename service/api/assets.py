@@ -3,8 +3,6 @@ under /datasets and /models."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, status
@@ -14,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from tunefleet.service import assets
 from tunefleet.service.api.deps import BackendDep, Reader, UserOrAdmin, errors
 from tunefleet.service.api.trials import octet_stream
+from tunefleet.service.api.uploads import spooled_upload
 from tunefleet.service.backend import Backend
 from tunefleet.service.errors import TooLarge
 from tunefleet.service.schemas import AssetOut
@@ -40,22 +39,8 @@ def _router(kind: str) -> APIRouter:
         version. Over TUNEFLEET_MAX_UPLOAD_MB: 413; not a tar, or a tar with links or unsafe names: 422."""
         assets.check_asset_name(kind, name)
         limit = backend.settings.max_upload_mb * 2**20
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:  # refused before a byte is read
-            raise _too_large(backend, kind)
-        fd, tmp = backend.store.incoming()
-        digest, size = hashlib.sha256(), 0
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise _too_large(backend, kind)
-                    digest.update(chunk)
-                    fh.write(chunk)
-            return await run_in_threadpool(assets.record_upload, backend, kind, name, tmp, digest.hexdigest(), size)
-        finally:
-            tmp.unlink(missing_ok=True)
+        async with spooled_upload(request, backend, limit, lambda: _too_large(backend, kind)) as (tmp, sha256, size):
+            return await run_in_threadpool(assets.record_upload, backend, kind, name, tmp, sha256, size)
 
     @router.get("", response_model=list[AssetOut], responses=errors(), summary=f"List {what}s")
     def list_all(backend: BackendDep, _: Reader) -> list[AssetOut]:

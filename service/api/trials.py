@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Request
@@ -13,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from tunefleet.service import leases, studies
 from tunefleet.service.api import metrics
 from tunefleet.service.api.deps import BackendDep, LeaseToken, Reader, WorkerOrAdmin, errors
+from tunefleet.service.api.uploads import spooled_upload
 from tunefleet.service.artifacts import artifact_chunks, check_name_free, clean_name, list_artifacts, record_artifact
 from tunefleet.service.backend import Backend
 from tunefleet.service.errors import TooLarge
@@ -96,22 +95,8 @@ async def put_artifact(backend: BackendDep, _: WorkerOrAdmin, trial_id: int, nam
     await run_in_threadpool(leases.require_holder, backend, trial_id, token)  # before reading the body
     await run_in_threadpool(check_name_free, backend, trial_id, name)  # 409 on a file/folder clash, too
     limit = backend.settings.max_artifact_mb * 2**20
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:  # refused before a byte is read
-        raise _too_large(backend, name)
-    fd, tmp = backend.store.incoming()
-    digest, size = hashlib.sha256(), 0
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(backend, name)
-                digest.update(chunk)
-                fh.write(chunk)
-        return await run_in_threadpool(record_artifact, backend, trial_id, token, name, tmp, digest.hexdigest(), size)
-    finally:
-        tmp.unlink(missing_ok=True)
+    async with spooled_upload(request, backend, limit, lambda: _too_large(backend, name)) as (tmp, sha256, size):
+        return await run_in_threadpool(record_artifact, backend, trial_id, token, name, tmp, sha256, size)
 
 
 def _too_large(backend: Backend, name: str) -> TooLarge:
