@@ -156,18 +156,9 @@ def review_sentences(sdist: Path) -> list[dict[str, str]]:
 
 def write_review_sentences(out_dir: Path, sdist: Path, seed: int = 0) -> dict[str, Path]:
     """Write train/validation/test jsonl of `review_sentences` with a fixed-seed split; returns the paths."""
-    records = review_sentences(sdist)
-    order = np.random.default_rng(seed).permutation(len(records)).tolist()
-    n_val, n_test = REVIEW_SIZES["validation"], REVIEW_SIZES["test"]
-    parts = {"validation": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, indices in parts.items():
-        paths[split] = out_dir / f"{split}.jsonl"
-        tmp = out_dir / f".{split}.jsonl.{os.getpid()}.tmp"  # renamed over: shards never read a half-written file
-        tmp.write_text("".join(json.dumps(records[i]) + "\n" for i in indices), encoding="utf-8")
-        tmp.replace(paths[split])
-    return paths
+    from tunefleet.demo.data import write_splits
+
+    return write_splits(review_sentences(sdist), out_dir, REVIEW_SIZES, seed)
 
 
 def model_folder_from_gguf(gguf: Path, out_dir: Path) -> Path:
@@ -203,6 +194,8 @@ def model_folder_from_gguf(gguf: Path, out_dir: Path) -> Path:
 def reviews_spec(data_dir: Path, model_dir: Path) -> dict[str, Any]:
     """The second task's study: SmolLM2-135M-Instruct classifying review sentences (accuracy), same search
     space names as the demo's, so every strategy runs on both recordings unchanged."""
+    from tunefleet.demo.data import demo_search_space
+
     return {
         "name": "record-curves-reviews-smollm2",
         "description": ("SmolLM2-135M-Instruct on Amazon review sentences (3 sentiment classes): LoRA vs full "
@@ -212,14 +205,7 @@ def reviews_spec(data_dir: Path, model_dir: Path) -> dict[str, Any]:
         "data": {"train": str(data_dir / "train.jsonl"), "validation": str(data_dir / "validation.jsonl"),
                  "test": str(data_dir / "test.jsonl"), "text": "text", "label": "label"},
         "objective": {"metric": "accuracy", "direction": "maximize"},
-        "search_space": {
-            "method": {"type": "categorical", "choices": ["lora", "full"]},
-            "learning_rate": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True},
-            "lora_r": {"type": "categorical", "choices": [4, 8, 16]},
-            "weight_decay": {"type": "categorical", "choices": [0.0, 0.01, 0.1]},
-            "warmup_ratio": {"type": "float", "low": 0.0, "high": 0.2},
-            "train_size": {"type": "categorical", "choices": REVIEW_TRAIN_SIZES},
-        },
+        "search_space": {**demo_search_space(), "train_size": {"type": "categorical", "choices": REVIEW_TRAIN_SIZES}},
         "fixed": {"num_epochs": 2, "per_device_batch_size": 16, "max_seq_length": 64, "eval_batch_size": 64},
         "baseline": {"method": "full", "learning_rate": 5e-5, "lora_r": 8, "weight_decay": 0.0, "warmup_ratio": 0.0,
                      "train_size": REVIEW_TRAIN_SIZES[-1]},
@@ -496,6 +482,8 @@ def record(out: Path, *, n: int, seed: int, max_minutes: float | None, device: s
 
 def synthetic_spec() -> dict[str, Any]:
     """A spec shaped like the recording's (same searched names and ranges) for the synthetic table."""
+    from tunefleet.demo.data import demo_search_space
+
     return {
         "name": "synthetic-curves",
         "description": ("SYNTHETIC curves from tunefleet.workers.simulated.simulated_quality: for tests, "
@@ -504,14 +492,7 @@ def synthetic_spec() -> dict[str, Any]:
         "task": "sequence-classification",
         "data": {"train": "synthetic/train.jsonl", "text": "text", "label": "label"},
         "objective": {"metric": "accuracy", "direction": "maximize"},
-        "search_space": {
-            "method": {"type": "categorical", "choices": ["lora", "full"]},
-            "learning_rate": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True},
-            "lora_r": {"type": "categorical", "choices": [4, 8, 16]},
-            "weight_decay": {"type": "categorical", "choices": [0.0, 0.01, 0.1]},
-            "warmup_ratio": {"type": "float", "low": 0.0, "high": 0.2},
-            "train_size": {"type": "categorical", "choices": TRAIN_SIZES},
-        },
+        "search_space": {**demo_search_space(), "train_size": {"type": "categorical", "choices": TRAIN_SIZES}},
         "fixed": {"num_epochs": 2, "per_device_batch_size": 16},
         "search": {"sampler": "tpe", "pruner": "hyperband", "min_resource": 0.2, "reduction_factor": 3, "seed": 0,
                    "n_startup_trials": 4},

@@ -214,8 +214,7 @@ class _Generative(Task):
             tokenizer.eos_token = tokenizer.sep_token or tokenizer.pad_token
         if tokenizer.eos_token is None:
             raise DataError("the tokenizer has no eos, sep or pad token to end a generated answer")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        super().prepare_tokenizer(tokenizer)  # eos pads where there is no pad token
 
     def example(self, row: Mapping[str, Any], data: Mapping[str, Any], tokenizer: Any, max_length: int,
                 where: str) -> tuple[list[int], list[int], Any]:

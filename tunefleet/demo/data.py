@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEMO_SIZES", "bbc_news_records", "demo_model_path", "demo_spec", "write_bbc_news"]
+__all__ = ["DEMO_SIZES", "bbc_news_records", "demo_model_path", "demo_search_space", "demo_spec", "write_bbc_news",
+           "write_splits"]
 
 DEMO_SIZES = {"validation": 300, "test": 400}  # the rest (1,525) is train
 
@@ -57,17 +58,25 @@ def write_bbc_news(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
 
     Validation 300 and test 400 articles, the remaining 1,525 are train. Same seed, same files.
     """
+    return write_splits(bbc_news_records(), out_dir, DEMO_SIZES, seed)
+
+
+def write_splits(records: list[dict[str, Any]], out_dir: str | Path, sizes: dict[str, int], seed: int
+                 ) -> dict[str, Path]:
+    """Shuffle `records` with `seed`, write validation (`sizes["validation"]`), test (`sizes["test"]`) and train
+    (the rest) as `<split>.jsonl` under `out_dir`; returns the paths. Same records and seed, same files.
+
+    Each file is written aside and renamed over: a reader (another worker or recorder on this node) sees the
+    old file or the new one, never a half-written one.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = bbc_news_records()
     order = np.random.default_rng(seed).permutation(len(records)).tolist()
-    n_val, n_test = DEMO_SIZES["validation"], DEMO_SIZES["test"]
+    n_val, n_test = sizes["validation"], sizes["test"]
     parts = {"validation": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
     paths = {}
     for split, indices in parts.items():
         path = out / f"{split}.jsonl"
-        # Written aside and renamed over: a reader (another worker or recorder on this node) sees the old
-        # file or the new one, never a half-written one.
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with tmp.open("w", encoding="utf-8") as fh:
             for i in indices:
@@ -75,6 +84,18 @@ def write_bbc_news(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         tmp.replace(path)
         paths[split] = path
     return paths
+
+
+def demo_search_space() -> dict[str, dict[str, Any]]:
+    """The demo's search space (a fresh copy): LoRA vs full fine-tuning, learning rate, rank, weight decay,
+    warmup. The recordings and the synthetic table search the same names and ranges."""
+    return {
+        "method": {"type": "categorical", "choices": ["lora", "full"]},
+        "learning_rate": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True},
+        "lora_r": {"type": "categorical", "choices": [4, 8, 16]},
+        "weight_decay": {"type": "categorical", "choices": [0.0, 0.01, 0.1]},
+        "warmup_ratio": {"type": "float", "low": 0.0, "high": 0.2},
+    }
 
 
 def demo_spec(data_dir: str | Path, *, name: str = "demo-bbc-minilm", max_trials: int = 16) -> dict[str, Any]:
@@ -97,13 +118,7 @@ def demo_spec(data_dir: str | Path, *, name: str = "demo-bbc-minilm", max_trials
                  "test": str(data_dir / "test.jsonl"), "text": "text", "label": "label",
                  "max_eval_samples": 200},
         "objective": {"metric": "accuracy", "direction": "maximize"},
-        "search_space": {
-            "method": {"type": "categorical", "choices": ["lora", "full"]},
-            "learning_rate": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True},
-            "lora_r": {"type": "categorical", "choices": [4, 8, 16]},
-            "weight_decay": {"type": "categorical", "choices": [0.0, 0.01, 0.1]},
-            "warmup_ratio": {"type": "float", "low": 0.0, "high": 0.2},
-        },
+        "search_space": demo_search_space(),
         "fixed": {"num_epochs": 2, "per_device_batch_size": 16, "max_seq_length": 96, "train_size": 400,
                   "eval_batch_size": 64},
         "baseline": {"method": "full", "learning_rate": 5e-5, "lora_r": 8, "weight_decay": 0.0, "warmup_ratio": 0.0},
