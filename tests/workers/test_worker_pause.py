@@ -64,7 +64,7 @@ def _assert_same_run(trial: dict[str, Any], whole: dict[str, Any]) -> None:
 @pytest.mark.parametrize(("method", "where"), [("lora", "upload"), ("full", "node")])
 def test_paused_at_20_and_resumed_elsewhere_after_a_server_restart_equals_an_uninterrupted_run(
         method, where, pg_url, make_spec, tmp_path) -> None:
-    settings = make_settings(pg_url, tmp_path / "server", lease_seconds=5.0, reaper_interval_seconds=0.3)
+    settings = make_settings(pg_url, tmp_path / "server", lease_seconds=8.0, reaper_interval_seconds=0.3)
     root = tmp_path / "node"
     with LiveServer(settings) as live, Client(live.url) as client:
         whole = _uninterrupted(live.url, make_spec, root, method)
