@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tunefleet.service.config import Settings
 from tunefleet.service.db import engine_kwargs, make_engine, transaction
 from tunefleet.service.errors import NotFound
-from tunefleet.service.search import build_pruner, build_sampler, distributions
+from tunefleet.service.search import GP_SAMPLERS, build_pruner, build_sampler, distributions
 from tunefleet.service.spec import StudySpec
 from tunefleet.service.storage import (
     BoundedHistorySampler,
@@ -188,7 +188,7 @@ class Backend:
     def ask_lock(self, runtime: StudyRuntime) -> Iterator[None]:
         """Serialise `ask` for one study: a thread lock here, plus an advisory lock across server replicas
         on PostgreSQL, so two replicas never hand out the same trial or interleave sampler state."""
-        gp = runtime.spec.search.sampler == "gp"
+        gp = runtime.spec.search.sampler in GP_SAMPLERS
         with runtime.lock, (_GP_LOCK if gp else contextlib.nullcontext()), \
                 (one_thread_for_gp() if gp else contextlib.nullcontext()):
             if not self.is_postgres:

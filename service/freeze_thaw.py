@@ -72,7 +72,7 @@ from tunefleet.service.scheduling import PausedTrial, tuned_trial_completed
 from tunefleet.service.spec import ReportAction
 from tunefleet.service.storage import trial_storage_id
 
-__all__ = ["ConversionModel", "CostModel", "FreezeThaw", "Option", "expected_improvement"]
+__all__ = ["ConversionModel", "CostModel", "FreezeThaw", "Option", "expected_improvement", "predicted_finals"]
 
 COST_KEYS = ("train_seconds", "total_steps")  # measured cost of a completed trial, best unit first
 RIDGE = 1.0  # cost model: one pseudo-observation at the mean cost per parameter coefficient
@@ -276,6 +276,22 @@ class FreezeThaw:
         if not can_start_new and not any_active and not tuned_trial_completed(trials):
             return max(options, key=lambda o: o.mean).trial_id
         return None
+
+
+def predicted_finals(trials: Sequence[FrozenTrial], rungs: Sequence[int], maximize: bool) -> dict[int, float]:
+    """Each trial's final as the learning-curve model sees it, by storage id, in the study's own direction:
+    its final where it completed, else the predicted mean from its latest reported value. Failed trials and
+    trials without a report are left out."""
+    policy = FreezeThaw(rungs, 2, maximize)
+    view = _View(policy, list(trials))
+    out = {}
+    for tid, values in view.values.items():
+        if tid in view.finals:
+            out[tid] = view.finals[tid]
+        elif values:
+            rung = max(values)
+            out[tid] = view.curves.predict(values[rung], rung)[0]
+    return {tid: policy.sign * v for tid, v in out.items()}
 
 
 class _View:

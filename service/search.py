@@ -14,10 +14,10 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from tunefleet.service.multifidelity import MultiFidelityTPESampler
+from tunefleet.service.multifidelity import MultiFidelityGPSampler, MultiFidelityTPESampler
 from tunefleet.service.spec import CategoricalParam, FloatParam, IntParam, PrunerName, SamplerName, StudySpec
 
-__all__ = ["PRUNERS", "SAMPLERS", "build_pruner", "build_sampler", "distributions", "search_problems"]
+__all__ = ["GP_SAMPLERS", "PRUNERS", "SAMPLERS", "build_pruner", "build_sampler", "distributions", "search_problems"]
 
 
 def distributions(spec: StudySpec) -> dict[str, BaseDistribution]:
@@ -63,6 +63,13 @@ def _mf_tpe(spec: StudySpec) -> optuna.samplers.BaseSampler:
                                    **s.sampler_options)
 
 
+def _mf_gp(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    # The same view as mf-tpe (and the same minimum of d + 1 observations), modelled by a GP.
+    s = spec.search
+    return MultiFidelityGPSampler(spec.rungs(), min_points=max(s.n_startup_trials, len(spec.search_space) + 1),
+                                  seed=s.seed, **s.sampler_options)
+
+
 def _gp(spec: StudySpec) -> optuna.samplers.BaseSampler:
     return optuna.samplers.GPSampler(seed=spec.search.seed, n_startup_trials=spec.search.n_startup_trials,
                                      **spec.search.sampler_options)
@@ -98,15 +105,19 @@ def _nsga2(spec: StudySpec) -> optuna.samplers.BaseSampler:
 SAMPLERS: dict[SamplerName, Callable[[StudySpec], optuna.samplers.BaseSampler]] = {
     "tpe": _tpe,
     "mf-tpe": _mf_tpe,
+    "mf-gp": _mf_gp,
     "gp": _gp,
     "random": _random,
     "grid": _grid_sampler,
     "cmaes": _cmaes,
     "nsga2": _nsga2,
 }
+# Samplers whose asks fit a Gaussian process in torch: one at a time, on one thread (`one_thread_for_gp`).
+GP_SAMPLERS: frozenset[SamplerName] = frozenset({"gp", "mf-gp"})
 # Python modules a sampler needs beyond Optuna itself, and the install that brings them.
 _SAMPLER_NEEDS: dict[SamplerName, tuple[str, str]] = {
     "gp": ("torch", "pip install 'tunefleet[worker]' on the server"),
+    "mf-gp": ("torch", "pip install 'tunefleet[worker]' on the server"),
     "cmaes": ("cmaes", "pip install cmaes"),
 }
 

@@ -5,6 +5,7 @@ multi-fidelity TPE, freeze-thaw) through the real server on the SYNTHETIC table.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,8 @@ def test_top_configurations_include_ties_and_each_run_counts_those_it_trained_to
     assert row["trials"] == 2 and row["full_trials"] == 2
 
 
-@pytest.mark.parametrize("strategy", ["tpe-asha", "mf-tpe-asha", "mf-tpe-hyperband", "tpe-freeze-thaw"])
+@pytest.mark.parametrize("strategy", ["tpe-asha", "mf-tpe-asha", "mf-tpe-hyperband", "tpe-freeze-thaw",
+                                      "mf-gp-p-freeze-thaw"])
 def test_pausing_and_multi_fidelity_strategies_run_through_the_server(table: ReplayTable, strategy: str) -> None:
     budget_trials = 15.0  # enough for ASHA's cut to move and promote a paused trial
     budget = budget_trials * table.mean_total_steps()
@@ -120,6 +122,29 @@ def test_screening_baseline_finishes_the_top_k_of_its_screen_within_the_budget(t
         assert e.steps_end - before.steps_end == record.total_steps - record.steps_at(pct), "charged the rest only"
 
 
+def test_the_clairvoyant_bound_screens_everything_and_finishes_exactly_each_new_best(table: ReplayTable,
+                                                                                     tmp_path: Path) -> None:
+    budget = 6 * table.mean_total_steps()
+    evaluations = STRATEGIES["clairvoyant-random"].run(table, 0, budget, BenchContext(None, tmp_path))
+    nearest = _NearestCache(table)
+    records = {r.index: r for r in table.records}
+    best, screened = float("-inf"), 0
+    for i, e in enumerate(evaluations):
+        record = records[nearest(e.params)]
+        if e.final is None:
+            screened += 1
+            assert e.steps_end - (evaluations[i - 1].steps_end if i else 0) == record.steps_at(20.0)
+            final = table.final(record)
+            follows = evaluations[i + 1] if i + 1 < len(evaluations) else None
+            finished = follows is not None and follows.final is not None and follows.params == e.params
+            assert finished == (final > best) or follows is None, "trained on exactly when it beats the best"
+        else:
+            assert e.final == table.final(record) > best, "only a new best is trained to 100%"
+            assert e.steps_end - evaluations[i - 1].steps_end == record.total_steps - record.steps_at(20.0)
+            best = e.final
+    assert screened > 6 and best > float("-inf")
+
+
 def test_spend_rows_split_the_compute_and_time_the_first_configuration_that_reaches_the_target(
         table: ReplayTable) -> None:
     best = max(table.complete, key=table.final)
@@ -139,6 +164,7 @@ def test_spend_rows_split_the_compute_and_time_the_first_configuration_that_reac
     assert row["winner_started"] == pytest.approx(worst.total_steps / steps)
     assert row["winner_finished"] == pytest.approx((worst.total_steps + best.total_steps) / steps)
     assert row["configs_before"] == 1
+    assert row["hits_early"] == 0.5 and math.isnan(row["hits_later"]), "1 of 2 new ones reach it; no later ones"
 
 
 def test_freeze_thaw_calibration_reports_both_models(capsys: pytest.CaptureFixture[str]) -> None:
