@@ -115,10 +115,12 @@ class Strategy:
 
 @dataclass
 class BenchContext:
-    """What every run shares: a client of the server (None for peer-only runs) and a scratch folder."""
+    """What every run shares: a client of the server (None for peer-only runs), a scratch folder, and the
+    recording of another task that warm-started strategies learn from first (``--warm-from``)."""
 
     client: Any
     workdir: Path
+    warm_from: ReplayTable | None = None
 
 
 # -- the server side -------------------------------------------------------------------------------
@@ -181,29 +183,59 @@ def study_spec_for(table: ReplayTable, name: str, sampler: str, pruner: str, see
     return spec
 
 
-def _server_run(sampler: str, pruner: str, **search_options: Any) -> Callable[[ReplayTable, int, float, BenchContext],
-                                                                           list[Evaluation]]:
+def _server_run(sampler: str, pruner: str, *, warm_start: bool = False,
+                **search_options: Any) -> Callable[[ReplayTable, int, float, BenchContext], list[Evaluation]]:
+    """A strategy of our own server: `sampler` × `pruner` (more `search_options` of the spec's search section).
+
+    With `warm_start`, the same strategy first runs a study of the same seed on `ctx.warm_from` (another task's
+    recording, its own budget of the same size in full trials), and the study on `table` names it in
+    ``warm_start: {study, top_k: 3}``: its best 3 configurations run first, and TPE reads its finals from the
+    first proposal. Only the second study's steps are charged: the first stands for an earlier study the user
+    already ran.
+    """
     def run(table: ReplayTable, seed: int, budget_steps: float, ctx: BenchContext) -> list[Evaluation]:
-        from tunefleet.workers.loop import WorkerLoop
-
-        client = ctx.client
-        name = f"bench-{sampler}-{pruner}-s{seed}-{uuid.uuid4().hex[:6]}"
-        study = client.create_study(study_spec_for(table, name, sampler, pruner, seed, **search_options))
-        loop: WorkerLoop | None = None
-
-        def stop() -> None:
-            assert loop is not None
-            loop.request_shutdown()
-
-        trainer = ReplayTrainer(table, budget_steps=budget_steps, on_budget_spent=stop)
-        loop = WorkerLoop(client, trainer, worker_id=f"replay-{name}", device="cpu", once=True, idle_sleep=0.05,
-                          workdir=ctx.workdir / name)
-        loop.run()
-        with contextlib.suppress(Exception):  # already completed is fine: nothing must lease from it
-            client.stop_study(study["id"])
-        return evaluations_from_ledger(trainer.trials, _all_trials(client, study["id"]), table)
+        warm: dict[str, Any] | None = None
+        if warm_start:
+            if ctx.warm_from is None:
+                raise ValueError("a warm-started strategy needs --warm-from TABLE (another task's recording)")
+            other = ctx.warm_from
+            source = _replay_study(other, study_spec_for(other, f"warm-source-s{seed}-{uuid.uuid4().hex[:6]}",
+                                                         sampler, pruner, seed, **search_options),
+                                   budget_steps / table.mean_total_steps() * other.mean_total_steps(), ctx)[1]
+            warm = {"study": source["name"], "top_k": WARM_START_TOP_K}
+        spec = study_spec_for(table, f"bench-{sampler}-{pruner}-s{seed}-{uuid.uuid4().hex[:6]}", sampler, pruner,
+                              seed, **search_options)
+        if warm:
+            spec["warm_start"] = warm
+        return _replay_study(table, spec, budget_steps, ctx)[0]
 
     return run
+
+
+WARM_START_TOP_K = 3  # as many as the screening baseline keeps: a handful of known-good starting points
+
+
+def _replay_study(table: ReplayTable, spec: dict[str, Any], budget_steps: float,
+                  ctx: BenchContext) -> tuple[list[Evaluation], dict[str, Any]]:
+    """Create `spec` on the server, serve it with one replay worker until `budget_steps` are spent, stop it;
+    returns its evaluations and the study as created."""
+    from tunefleet.workers.loop import WorkerLoop
+
+    client = ctx.client
+    study = client.create_study(spec)
+    loop: WorkerLoop | None = None
+
+    def stop() -> None:
+        assert loop is not None
+        loop.request_shutdown()
+
+    trainer = ReplayTrainer(table, budget_steps=budget_steps, on_budget_spent=stop)
+    loop = WorkerLoop(client, trainer, worker_id=f"replay-{spec['name']}", device="cpu", once=True, idle_sleep=0.05,
+                      workdir=ctx.workdir / spec["name"])
+    loop.run()
+    with contextlib.suppress(Exception):  # already completed is fine: nothing must lease from it
+        client.stop_study(study["id"])
+    return evaluations_from_ledger(trainer.trials, _all_trials(client, study["id"]), table), study
 
 
 def _all_trials(client: Any, study_id: int) -> list[dict[str, Any]]:
@@ -440,9 +472,12 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("mf-tpe-hyperband", "MF-TPE (BOHB-style) + Hyperband", _server_run("mf-tpe", "hyperband")),
         Strategy("tpe-freeze-thaw", "TPE + freeze-thaw (the default)", _server_run("tpe", "freeze-thaw")),
         Strategy("random-freeze-thaw", "Random + freeze-thaw (cost-aware)", _server_run("random", "freeze-thaw")),
+        Strategy("qmc-freeze-thaw", "Sobol (QMC) + freeze-thaw", _server_run("qmc", "freeze-thaw")),
         Strategy("mf-tpe-freeze-thaw", "MF-TPE + freeze-thaw (cost-aware)", _server_run("mf-tpe", "freeze-thaw")),
         Strategy("mf-gp-freeze-thaw", "MF-GP + freeze-thaw (cost-aware)", _server_run("mf-gp", "freeze-thaw")),
         Strategy("mf-gp-asha", "MF-GP + ASHA", _server_run("mf-gp", "asha")),
+        Strategy("tpe-freeze-thaw-warm", "TPE + freeze-thaw, warm-started from the other task's study",
+                 _server_run("tpe", "freeze-thaw", warm_start=True)),
         Strategy("mf-tpe-p-freeze-thaw", "MF-TPE on predicted finals + freeze-thaw",
                  _server_run("mf-tpe", "freeze-thaw", sampler_options={"view": "predicted"})),
         Strategy("mf-gp-p-freeze-thaw", "MF-GP on predicted finals + freeze-thaw",
@@ -468,7 +503,8 @@ QUICK = ("random-full", "tpe-full", "tpe-hyperband")
 
 
 def run_benchmark(table: ReplayTable, strategies: Sequence[str], seeds: Sequence[int], budget_trials: float,
-                  *, database_url: str | None = None, progress: Callable[[str], None] = print) -> list[Run]:
+                  *, database_url: str | None = None, progress: Callable[[str], None] = print,
+                  warm_from: ReplayTable | None = None) -> list[Run]:
     """Run every strategy for every seed on `table`; returns the runs (skipped strategies are absent).
 
     Raises KeyError for an unknown strategy name. A strategy whose package is missing is skipped
@@ -486,7 +522,7 @@ def run_benchmark(table: ReplayTable, strategies: Sequence[str], seeds: Sequence
 
             url = stack.enter_context(local_server(database_url))
             client = stack.enter_context(Client(url))
-        ctx = BenchContext(client, workdir)
+        ctx = BenchContext(client, workdir, warm_from)
         for strategy in chosen:
             why = strategy.available()
             if why:
@@ -868,6 +904,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, help="write the anytime-regret plot here (PNG)")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 3 strategies, 6 full trials of budget")
     parser.add_argument("--save", type=Path, help="write every run (JSON) here after each strategy")
+    parser.add_argument("--warm-from", type=Path,
+                        help="another task's recording, for the warm-started strategies (*-warm)")
     parser.add_argument("--load", type=Path, action="append", default=[],
                         help="summarise runs saved by --save instead of running (repeatable)")
     args = parser.parse_args(argv)
@@ -888,7 +926,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = sorted({r.seed for r in runs})
     else:
         for name in strategies:  # one at a time, saved as they finish: a long run can be cut short
-            runs += run_benchmark(table, [name], seeds, budget, database_url=args.database_url)
+            runs += run_benchmark(table, [name], seeds, budget, database_url=args.database_url,
+                                  warm_from=ReplayTable.load(args.warm_from) if args.warm_from else None)
             if args.save:
                 save_runs(runs, args.save)
     rows = summarise(runs, table)

@@ -75,6 +75,13 @@ def _gp(spec: StudySpec) -> optuna.samplers.BaseSampler:
                                      **spec.search.sampler_options)
 
 
+def _qmc(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    # Sobol points: a space-filling design (each parameter's range, and each categorical's choices, covered
+    # evenly from the first few trials on), no model.
+    # Scrambled, so that each seed draws its own design (Optuna's default is the one unscrambled sequence).
+    return optuna.samplers.QMCSampler(seed=spec.search.seed, **{"scramble": True, **spec.search.sampler_options})
+
+
 def _random(spec: StudySpec) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=spec.search.seed)
 
@@ -108,6 +115,7 @@ SAMPLERS: dict[SamplerName, Callable[[StudySpec], optuna.samplers.BaseSampler]] 
     "mf-gp": _mf_gp,
     "gp": _gp,
     "random": _random,
+    "qmc": _qmc,
     "grid": _grid_sampler,
     "cmaes": _cmaes,
     "nsga2": _nsga2,

@@ -64,7 +64,7 @@ TaskName = Literal["sequence-classification", "token-classification", "causal-lm
 BUILTIN_TASKS: tuple[TaskName, ...] = get_args(TaskName)
 StudyTask = Literal[TaskName, "script"]
 # Keys of tunefleet.service.search.SAMPLERS / PRUNERS, the builders (tests/test_catalogues.py pins them).
-SamplerName = Literal["tpe", "mf-tpe", "mf-gp", "gp", "random", "grid", "cmaes", "nsga2"]
+SamplerName = Literal["tpe", "mf-tpe", "mf-gp", "gp", "random", "qmc", "grid", "cmaes", "nsga2"]
 PrunerName = Literal["hyperband", "successive_halving", "median", "asha", "freeze-thaw", "none"]
 # Pruners that answer "pause" (the trial saves a checkpoint and frees its worker; it may be resumed later).
 PAUSING_PRUNERS: tuple[PrunerName, ...] = ("asha", "freeze-thaw")

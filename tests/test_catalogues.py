@@ -131,3 +131,34 @@ def test_the_client_and_the_server_name_the_lease_token_header_alike() -> None:
     from tunefleet.service import auth, client
 
     assert client.LEASE_TOKEN_HEADER == auth.LEASE_TOKEN_HEADER
+
+
+def test_qmc_draws_a_scrambled_design_of_its_own_for_each_seed() -> None:
+    import optuna
+
+    from tunefleet.service.search import build_sampler
+    from tunefleet.service.spec import StudySpec
+
+    def first_points(seed: int, options: dict[str, object]) -> list[float]:
+        spec = StudySpec.model_validate({
+            "name": "q", "model": "m", "task": "sequence-classification", "data": {"train": "t.jsonl"},
+            "objective": {"metric": "accuracy", "direction": "maximize"},
+            "search_space": {"x": {"type": "float", "low": 0.0, "high": 1.0},
+                             "k": {"type": "categorical", "choices": ["a", "b", "c", "d"]}},
+            "search": {"sampler": "qmc", "pruner": "none", "seed": seed, "sampler_options": options},
+        })
+        sampler = build_sampler(spec)
+        assert isinstance(sampler, optuna.samplers.QMCSampler)
+        study = optuna.create_study(sampler=sampler, direction="maximize")
+        out = []
+        for _ in range(8):
+            trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0),
+                               "k": optuna.distributions.CategoricalDistribution(["a", "b", "c", "d"])})
+            study.tell(trial, 0.0)
+            out.append(trial.params["x"])
+        return out
+
+    assert first_points(0, {}) != first_points(1, {}), "scrambled: each seed its own design"
+    assert first_points(0, {}) == first_points(0, {}), "reproducible from the seed"
+    # Optuna draws the very first trial with its independent (random) sampler, then follows the sequence.
+    assert first_points(0, {"scramble": False})[1:] == first_points(1, {"scramble": False})[1:], "an option wins"

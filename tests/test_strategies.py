@@ -19,6 +19,7 @@ from benchmarks.strategies import (
     _NearestCache,
     _PeerLedger,
     evaluations_from_ledger,
+    local_server,
     run_benchmark,
     spend_rows,
     summarise,
@@ -102,6 +103,29 @@ def test_pausing_and_multi_fidelity_strategies_run_through_the_server(table: Rep
         configurations = {tuple(sorted(e.params.items())) for e in run.evaluations}
         assert len(run.evaluations) > len(configurations), "some trial paused and was resumed later"
     assert all(e.final is None or e.test is not None for e in run.evaluations)
+
+
+def test_a_warm_started_strategy_first_runs_the_other_studys_best_then_its_own_search(table: ReplayTable,
+                                                                                      tmp_path: Path) -> None:
+    from tunefleet.service.client import Client
+
+    budget = 4 * table.mean_total_steps()
+    with local_server() as url, Client(url) as client:
+        with pytest.raises(ValueError, match="--warm-from"):
+            STRATEGIES["tpe-freeze-thaw-warm"].run(table, 0, budget, BenchContext(client, tmp_path))
+        evaluations = STRATEGIES["tpe-freeze-thaw-warm"].run(table, 0, budget, BenchContext(client, tmp_path, table))
+        studies = {s["name"]: s for s in client.list_studies(limit=200)["items"]}
+        [source] = [s for name, s in studies.items() if name.startswith("warm-source-")]
+        [target] = [s for name, s in studies.items() if name.startswith("bench-")]
+        source_best = sorted((t for t in client.list_trials(source["id"], limit=1000)["items"]
+                              if t["state"] == "COMPLETE"), key=lambda t: -t["value"])[:3]
+        k = len(source_best)  # the source ran on its own small budget: it may have completed fewer than 3
+        first = sorted(client.list_trials(target["id"], limit=1000)["items"], key=lambda t: t["number"])[:k + 1]
+    assert k >= 1
+    assert [t["user_attrs"].get("warm_start_from") for t in first] == [source["name"]] * k + [None]
+    first = first[:k]
+    assert [t["params"] for t in first] == [t["params"] for t in source_best], "the other study's best 3, best first"
+    assert evaluations and evaluations[-1].steps_end <= budget + table.mean_total_steps() * 2, "its own budget"
 
 
 @pytest.mark.parametrize("name", ["screen-top3", "screen10-top3"])
