@@ -8,6 +8,7 @@ Heavy imports (GP needs torch) happen only when that algorithm is used.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,7 +80,11 @@ def _qmc(spec: StudySpec) -> optuna.samplers.BaseSampler:
     # Sobol points: a space-filling design (each parameter's range, and each categorical's choices, covered
     # evenly from the first few trials on), no model.
     # Scrambled, so that each seed draws its own design (Optuna's default is the one unscrambled sequence).
-    return optuna.samplers.QMCSampler(seed=spec.search.seed, **{"scramble": True, **spec.search.sampler_options})
+    # Optuna still marks QMCSampler experimental: the user chose it, the server log need not say so per study.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.QMCSampler(seed=spec.search.seed,
+                                          **{"scramble": True, **spec.search.sampler_options})
 
 
 def _random(spec: StudySpec) -> optuna.samplers.BaseSampler:
