@@ -129,3 +129,41 @@ def test_lease_tokens_migrate_an_existing_database_up_and_down(empty_url: str) -
             insert_lease(conn, 4, "w2", "r1")  # 0001's global uniqueness is back
     finally:
         engine.dispose()
+
+
+def test_artifact_sizes_over_2_gib_are_kept_after_0006_and_the_migration_reverts(empty_url: str) -> None:
+    """A full fine-tuning's weights pass 2 GiB; before 0006 PostgreSQL refused such a size (32-bit column)."""
+    from tunefleet.service.db import migrate
+
+    big = 3 * 2**30
+
+    def add_artifact(conn: sa.Connection, trial_id: int, size: int) -> None:
+        conn.execute(sa.text("INSERT INTO tf_leases (trial_id, study_id, worker_id, request_id, attempt, state, "
+                             "requeued, started_at, deadline) VALUES (:t, 1, 'w', :r, 0, 'active', false, "
+                             "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"), {"t": trial_id, "r": f"r{trial_id}"})
+        conn.execute(sa.text("INSERT INTO tf_artifacts (trial_id, study_id, name, path, size, sha256, created_at) "
+                             "VALUES (:t, 1, 'model.safetensors', 'p', :s, :h, CURRENT_TIMESTAMP)"),
+                     {"t": trial_id, "s": size, "h": "0" * 64})
+
+    engine = make_engine(empty_url)
+    try:
+        migrate(engine, "0005")
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO tf_studies (id, name, spec, state, created_at, updated_at) VALUES "
+                                 "(1, 's', '{}', 'running', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            add_artifact(conn, 1, 1234)
+        if engine.dialect.name == "postgresql":
+            with pytest.raises(sa.exc.DataError), engine.begin() as conn:
+                add_artifact(conn, 2, big)  # what a 3 GiB checkpoint met before 0006
+        migrate(engine, "head")
+        with engine.begin() as conn:
+            add_artifact(conn, 2, big)
+            rows = conn.execute(sa.text("SELECT trial_id, size FROM tf_artifacts ORDER BY trial_id")).all()
+        assert [tuple(r) for r in rows] == [(1, 1234), (2, big)], "the old row kept, the large one stored exactly"
+        with engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM tf_leases WHERE trial_id = 2"))  # down needs sizes that fit
+        migrate(engine, "0005", down=True)
+        with engine.begin() as conn:
+            assert [tuple(r) for r in conn.execute(sa.text("SELECT trial_id, size FROM tf_artifacts"))] == [(1, 1234)]
+    finally:
+        engine.dispose()
