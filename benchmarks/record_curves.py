@@ -403,10 +403,10 @@ def record_one(index: int, params: dict[str, Any], spec: dict[str, Any], rungs: 
     curve: dict[str, float] = {}
     rung_metrics: dict[str, dict[str, float]] = {}
 
-    def report(pct: int, value: float, metrics: dict[str, Any]) -> bool:
+    def report(pct: int, value: float, metrics: dict[str, Any]) -> str:
         curve[str(pct)] = float(value)
         rung_metrics[str(pct)] = {k: float(v) for k, v in metrics.items()}
-        return False  # never prune: the whole curve is the point
+        return "continue"  # never prune nor pause: the whole curve is the point
 
     started = time.perf_counter()
     record: dict[str, Any] = {"index": index, "params": params}

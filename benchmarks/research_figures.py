@@ -172,16 +172,17 @@ def plot_data_efficiency(rows: Sequence[Mapping[str, Any]], saturation: Any, pat
 def plot_curves(table: ReplayTable, records: Sequence[RecordedConfig], path: Path) -> Path:
     """Every recorded learning curve, coloured by method, one panel per training-set size."""
     plt = _plt()
-    sizes = sorted({r.params.get("train_size") for r in records if r.params.get("train_size") is not None})
+    sizes = sorted({int(r.params["train_size"]) for r in records if r.params.get("train_size") is not None})
     panels = max(1, len(sizes))
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.6), sharey=True, squeeze=False)
     colours = {"lora": "tab:blue", "full": "tab:orange"}
-    for ax, size in zip(axes[0], sizes or [None], strict=False):
+    panel_sizes: list[int | None] = [*sizes] or [None]
+    for ax, size in zip(axes[0], panel_sizes, strict=False):
         for r in records:
             if size is not None and r.params.get("train_size") != size:
                 continue
             pts = sorted(r.curve.items())
-            ax.plot([p for p, _ in pts], [v for _, v in pts], color=colours.get(r.params.get("method"), "grey"),
+            ax.plot([p for p, _ in pts], [v for _, v in pts], color=colours.get(str(r.params.get("method")), "grey"),
                     alpha=0.6, lw=1)
         ax.set_title(f"train_size {size}" if size is not None else "all")
         ax.set_xlabel("% of budget")

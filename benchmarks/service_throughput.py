@@ -215,7 +215,7 @@ def prefill(database_url: str, study_name: str, trials: int, seed: int = 0) -> N
             study_id = conn.scalar(sa.select(models.StudyModel.study_id)
                                    .where(models.StudyModel.study_name == study_name))
             first = conn.scalar(sa.select(sa.func.count()).select_from(models.TrialModel)
-                                .where(models.TrialModel.study_id == study_id))
+                                .where(models.TrialModel.study_id == study_id)) or 0
             now = dt.datetime.now()
             plans = []
             for _ in range(trials):

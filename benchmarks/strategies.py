@@ -373,6 +373,7 @@ def _smac_run(table: ReplayTable, seed: int, budget_steps: float, ctx: BenchCont
             info = smac.ask()
         except (ConfigurationSpaceExhaustedException, StopIteration):
             break  # SMAC has no new configuration to try (a small space): its incumbent stands
+        assert info.budget is not None  # the multi-fidelity facade always gives one
         cost = ledger.evaluate(_plain(info.config), float(info.budget))
         smac.tell(info, TrialValue(cost=cost), save=False)
     return ledger.evaluations
@@ -566,10 +567,10 @@ def anytime(run: Run, fractions: Sequence[float], direction: str = "maximize") -
     best_test = np.full(len(fractions), np.nan)
     for i, fraction in enumerate(fractions):
         limit = fraction * run.budget_steps + 1e-9
-        done = [e for e in run.evaluations if e.final is not None and e.steps_end <= limit]
+        done = [(e.final, e) for e in run.evaluations if e.final is not None and e.steps_end <= limit]
         if done:
-            best = max(done, key=lambda e: sign * e.final)  # first of equals: the earliest found
-            best_val[i], best_test[i] = best.final, np.nan if best.test is None else best.test
+            final, best = max(done, key=lambda pair: sign * pair[0])  # first of equals: the earliest found
+            best_val[i], best_test[i] = final, np.nan if best.test is None else best.test
     return best_val, best_test
 
 
@@ -798,7 +799,7 @@ def regret_curves(runs: Sequence[Run], table: ReplayTable, points: int = 101) ->
     sign = 1.0 if table.direction == "maximize" else -1.0
     out: dict[str, list[np.ndarray]] = {}
     for run in runs:
-        val, _ = anytime(run, grid, table.direction)
+        val, _ = anytime(run, grid.tolist(), table.direction)
         out.setdefault(run.strategy, []).append(sign * (oracle - val))
     return {name: np.array(rows) for name, rows in out.items()}
 
@@ -817,7 +818,8 @@ def plot_regret(runs: Sequence[Run], table: ReplayTable, path: Path, title: str 
     curves = regret_curves(runs, table)
     grid = np.linspace(0, 1, next(iter(curves.values())).shape[1])
     fig, ax = plt.subplots(figsize=(9, 6))
-    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # up to 20 distinguishable strategies
+    tab20 = plt.get_cmap("tab20")
+    ax.set_prop_cycle(color=[tab20(i) for i in range(20)])  # up to 20 distinguishable strategies
     for name, rows in curves.items():
         defined = np.isfinite(rows).all(axis=0)
         mean = rows.mean(axis=0)

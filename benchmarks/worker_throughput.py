@@ -48,7 +48,7 @@ def via_run_trial(data_dir: Path, train_size: int, workdir: Path) -> dict[str, f
             "data": {**{f: str(data_dir / f"{f}.jsonl") for f in ("train", "validation", "test")},
                      "max_eval_samples": 100},
             "objective": {"metric": "accuracy"}, "fixed": {**CONFIG, "train_size": train_size}, "seed": 0}
-    out = run_trial(spec, {}, [20, 60, 100], lambda *_: False, workdir=workdir, model_cache=ModelCache())
+    out = run_trial(spec, {}, [20, 60, 100], lambda *_: "continue", workdir=workdir, model_cache=ModelCache())
     return {"samples_per_s": out.extra["samples_per_second"], "train_s": out.extra["train_seconds"],
             "eval_s": out.extra["eval_seconds"], "accuracy": out.validation_metrics["accuracy"]}
 

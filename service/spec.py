@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "COST_METRICS",
+    "Direction",
     "MULTI_OBJECTIVE_SAMPLERS",
     "GENERATIVE_TASKS",
     "PAUSING_PRUNERS",
@@ -64,6 +65,7 @@ TaskName = Literal["sequence-classification", "token-classification", "causal-lm
 BUILTIN_TASKS: tuple[TaskName, ...] = get_args(TaskName)
 StudyTask = Literal[TaskName, "script"]
 # Keys of tunefleet.service.search.SAMPLERS / PRUNERS, the builders (tests/test_catalogues.py pins them).
+Direction = Literal["maximize", "minimize"]
 SamplerName = Literal["tpe", "mf-tpe", "mf-gp", "gp", "random", "qmc", "grid", "cmaes", "nsga2"]
 PrunerName = Literal["hyperband", "successive_halving", "median", "asha", "freeze-thaw", "none"]
 # Pruners that answer "pause" (the trial saves a checkpoint and frees its worker; it may be resumed later).
@@ -199,7 +201,7 @@ Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator=
 
 class ObjectiveSpec(_Strict):
     metric: str
-    direction: Literal["maximize", "minimize"] = "maximize"
+    direction: Direction = "maximize"
 
 
 # One objective, or a list of at least one (an empty list would leave a study with nothing to optimise).

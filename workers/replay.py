@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunefleet.service.spec import objectives_of
+from tunefleet.service.spec import Direction, objectives_of
 from tunefleet.workers.errors import TrialFailed, TrialInterrupted
 from tunefleet.workers.loop import ReportFn, TrialResult
 
@@ -116,7 +116,8 @@ class ReplayTable:
         self.meta = dict(meta or {})
         self.space: dict[str, Mapping[str, Any]] = dict(self.spec["search_space"])
         # The first objective is the one a recording's curves hold.
-        self.metric, self.direction = objectives_of(self.spec)[0]
+        self.metric, direction = objectives_of(self.spec)[0]
+        self.direction: Direction = "minimize" if direction == "minimize" else "maximize"
 
     @classmethod
     def load(cls, path: str | Path) -> ReplayTable:
