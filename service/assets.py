@@ -11,15 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from tunefleet.service.errors import InvalidInput, NotFound
+from tunefleet.service.errors import Conflict, InvalidInput, NotFound
 from tunefleet.service.refs import ASSET_NAME, SCHEME, Ref, input_fields, parse_ref
 from tunefleet.service.schemas import AssetFile, AssetOut
 from tunefleet.service.tables import Asset
+from tunefleet.service.tables import Study as StudyRow
 
 if TYPE_CHECKING:
     from tunefleet.service.backend import Backend
 
-__all__ = ["KINDS", "asset_chunks", "check_asset_name", "find_asset", "list_assets", "pin_inputs", "record_upload"]
+__all__ = ["KINDS", "asset_chunks", "check_asset_name", "delete_asset", "find_asset", "list_assets", "pin_inputs",
+           "record_upload"]
 
 KINDS = {"datasets": "data set", "models": "model"}
 VERSION_CHARS = 12
@@ -124,6 +126,45 @@ def asset_chunks(backend: Backend, kind: str, name: str, version: str) -> tuple[
     except FileNotFoundError:
         raise NotFound(f"{KINDS[kind]} {name!r} version {asset.version} is recorded but its file is gone from the "
                        f"store ({backend.store.describe()}): upload it again") from None
+
+
+def delete_asset(backend: Backend, kind: str, name: str, version: str) -> AssetOut:
+    """Forget one version of `name` and return it; its tar leaves the store unless another name holds the same
+    content. NotFound; InvalidInput for ``latest`` (a deletion names its version); Conflict naming the running
+    or paused studies that use it (stop them first). A finished study keeps its spec and results, but cannot be
+    re-run from it."""
+    if version == "latest":
+        raise InvalidInput(f"name the version of {KINDS[kind]} {name!r} to delete (`tunefleet "
+                           f"{'data' if kind == 'datasets' else 'model'} show {name}` lists them), not 'latest'",
+                           loc=("path", "version"))
+    asset = find_asset(backend, kind, name, version)
+    with backend.session() as session:
+        users = [study.name for study in session.scalars(
+                     sa.select(StudyRow).where(StudyRow.state.in_(("running", "paused"))).order_by(StudyRow.id))
+                 if _pins(study.spec, kind, name, asset.sha256)]
+        if users:
+            raise Conflict(f"{KINDS[kind]} {name!r} version {asset.version} is in use by "
+                           f"{'study' if len(users) == 1 else 'studies'} {', '.join(users[:10])}: stop "
+                           f"{'it' if len(users) == 1 else 'them'} (`tunefleet study stop`) before deleting it")
+        session.execute(sa.delete(Asset).where(Asset.kind == kind, Asset.name == name, Asset.sha256 == asset.sha256))
+        shared = session.scalar(sa.select(sa.func.count()).select_from(Asset)
+                                .where(Asset.kind == kind, Asset.sha256 == asset.sha256))
+    if not shared:  # after the commit: a failed delete leaves an unreferenced tar, never a row without one
+        backend.store.delete(f"{kind}/{asset.sha256}.tar")
+    return asset
+
+
+def _pins(spec: Mapping[str, Any], kind: str, name: str, sha256: str) -> bool:
+    """Whether a stored (pinned) spec uses this upload in any input field."""
+    for _, field_kind, value in input_fields(spec):
+        try:
+            ref = parse_ref(value)
+        except ValueError:
+            continue
+        if (field_kind == kind and ref is not None and ref.name == name
+                and (ref.version is None or sha256.startswith(ref.version))):  # unpinned: may be any version
+            return True
+    return False
 
 
 def pin_inputs(backend: Backend, spec: Mapping[str, Any]) -> dict[str, Any]:

@@ -451,6 +451,11 @@ class Client:
         """GET /{kind}/{name}/{version}; raises NotFoundError."""
         return self._json("GET", f"/{kind}/{quote(name, safe='')}/{quote(version, safe='')}")
 
+    def delete_asset(self, kind: str, name: str, version: str) -> dict[str, Any]:
+        """DELETE /{kind}/{name}/{version} (admin): forget one version; returns it. Raises ConflictError while a
+        running or paused study uses it, NotFoundError."""
+        return self._json("DELETE", f"/{kind}/{quote(name, safe='')}/{quote(version, safe='')}")
+
     def download_asset_to(self, kind: str, name: str, version: str, path: Path) -> str:
         """GET /{kind}/{name}/{version}/content streamed into the file `path`; returns its SHA-256."""
         self.request("GET", f"/{kind}/{quote(name, safe='')}/{quote(version, safe='')}/content", into=path)

@@ -39,6 +39,7 @@ def test_roles(secured: tuple[LiveServer, dict[str, str]]) -> None:
         sid = created.json()["id"]
         assert user.post("/leases", json={"worker_id": "u"}).status_code == 403
         assert user.post("/tokens", json={"name": "x", "role": "admin"}).status_code == 403
+        assert user.delete("/datasets/news/abcdef").status_code == 403, "uploads are shared: only an admin deletes"
         assert worker.delete(f"/studies/{sid}").status_code == 403
         assert worker.post(f"/studies/{sid}/stop").status_code == 403
         lease = worker.post("/leases", json={"worker_id": "w"})

@@ -142,6 +142,39 @@ def test_the_cli_uploads_lists_and_shows_and_a_bad_path_is_one_error_line(s3_ser
     assert unknown.exit_code == 1 and "no model named 'm'" in unknown.output
 
 
+def test_a_version_is_deleted_unless_a_running_study_uses_it(s3_server, s3_endpoint, tmp_path) -> None:
+    folder = _data_folder(tmp_path / "news")
+    runner = CliRunner()
+    with Client(s3_server.url) as client, httpx.Client(base_url=s3_server.url + "/api/v1") as http:
+        first = client.upload_asset("datasets", "news", folder)
+        copy = client.upload_asset("datasets", "copy", folder)  # the same bytes under another name: one tar
+        (folder / "train.jsonl").write_text('{"text": "good", "label": "a"}\n' * 21)
+        second = client.upload_asset("datasets", "news", folder)
+        study = client.create_study(study_spec("uses-news", data={"train": "tunefleet://news/train.jsonl"}))
+
+        latest = http.delete("/datasets/news/latest")
+        assert latest.status_code == 422 and "name the version" in latest.json()["detail"][0]["msg"]
+        assert http.delete("/datasets/news/abcdef").status_code == 404
+        in_use = http.delete(f"/datasets/news/{second['version']}")
+        assert in_use.status_code == 409 and "uses-news" in in_use.json()["detail"], in_use.text
+        assert len(client.list_assets("datasets", "news")) == 2, "a refused deletion changes nothing"
+
+        client.stop_study(study["id"])
+        gone = client.delete_asset("datasets", "news", second["version"])
+        assert gone["sha256"] == second["sha256"]
+        assert f"tf/datasets/{second['sha256']}.tar" not in s3_keys(s3_endpoint, "tf/datasets/")
+        client.delete_asset("datasets", "news", first["version"])
+        assert http.get("/datasets/news").status_code == 404
+        assert f"tf/datasets/{first['sha256']}.tar" in s3_keys(s3_endpoint, "tf/datasets/"), "'copy' still holds it"
+        assert client.download_asset_to("datasets", "copy", copy["version"], tmp_path / "c.tar") == copy["sha256"]
+
+    removed = runner.invoke(app, ["--server", s3_server.url, "data", "rm", "copy", copy["version"]])
+    assert removed.exit_code == 0 and f"deleted copy version {copy['version']}" in removed.output
+    assert s3_keys(s3_endpoint, "tf/datasets/") == [], "the last name of those bytes is gone: so is the tar"
+    again = runner.invoke(app, ["--server", s3_server.url, "data", "rm", "copy", copy["version"]])
+    assert again.exit_code == 1 and "no data set named 'copy'" in again.output
+
+
 def _tar_bytes(*members: tarfile.TarInfo) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:

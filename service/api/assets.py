@@ -1,5 +1,5 @@
-"""Data set and base model routes: upload (a tar, streamed to the store), list, show, download. The same routes
-under /datasets and /models."""
+"""Data set and base model routes: upload (a tar, streamed to the store), list, show, download, delete. The same
+routes under /datasets and /models."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tunefleet.service import assets
-from tunefleet.service.api.deps import BackendDep, Reader, UserOrAdmin, errors
+from tunefleet.service.api.deps import Admin, BackendDep, Reader, UserOrAdmin, errors
 from tunefleet.service.api.trials import octet_stream
 from tunefleet.service.api.uploads import spooled_upload
 from tunefleet.service.backend import Backend
@@ -61,6 +61,14 @@ def _router(kind: str) -> APIRouter:
     def content(backend: BackendDep, _: Reader, name: Name, version: Version) -> StreamingResponse:
         """The tar, streamed from the store (workers fetch inputs this way: they need no store credentials)."""
         return octet_stream(*assets.asset_chunks(backend, kind, assets.check_asset_name(kind, name), version))
+
+    @router.delete("/{name}/{version}", response_model=AssetOut, responses=errors(404, 409, 422),
+                   summary=f"Delete a version of a {what}")
+    def delete(backend: BackendDep, _: Admin, name: Name, version: Version) -> AssetOut:
+        """Forget one version (its tar leaves the store unless another name holds the same bytes); returns it.
+        Admin only: uploads are shared by every project. 409 names the running or paused studies that use it;
+        `latest` is refused (422): a deletion names its version."""
+        return assets.delete_asset(backend, kind, assets.check_asset_name(kind, name), version)
 
     return router
 

@@ -1,5 +1,5 @@
-"""`tunefleet data ...` and `tunefleet model ...`: upload a data set or a base model to the server's store, list
-and show them. A spec then names one as `tunefleet://NAME` (pinned to its newest version when the study is
+"""`tunefleet data ...` and `tunefleet model ...`: upload a data set or a base model to the server's store, list,
+show and delete them. A spec then names one as `tunefleet://NAME` (pinned to its newest version when the study is
 created), and every worker fetches it from the server, whatever node it runs on."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from tunefleet.cli.app import app as root_app
 from tunefleet.cli.app import client_for, command
 from tunefleet.cli.render import console, err_console, kv_table, print_json, records_table
 
-data_app = typer.Typer(no_args_is_help=True, help="Data sets in the server's store: upload, list, show.")
-model_app = typer.Typer(no_args_is_help=True, help="Base models in the server's store: upload, list, show.")
+data_app = typer.Typer(no_args_is_help=True, help="Data sets in the server's store: upload, list, show, delete.")
+model_app = typer.Typer(no_args_is_help=True, help="Base models in the server's store: upload, list, show, delete.")
 root_app.add_typer(data_app, name="data")
 root_app.add_typer(model_app, name="model")
 
@@ -90,6 +90,28 @@ def _show(ctx: typer.Context, kind: str, name: str, as_json: bool) -> None:
     console.print(records_table([_row(a) for a in versions], title=f"{name}: versions"))
     console.print(kv_table({f["name"]: f["size"] for f in versions[0]["files"]},
                            title=f"files of {versions[0]['version']} (bytes)"))
+
+
+VersionArgument = Annotated[str, typer.Argument(help="The version to delete (its hex digits, as `show` lists them).")]
+
+
+@command(data_app, "rm")
+def data_rm(ctx: typer.Context, name: NameArgument, version: VersionArgument) -> None:
+    """Delete one version of a data set (admin token). Refused while a running or paused study uses it; a
+    finished study keeps its results but cannot be re-run from its spec."""
+    _delete(ctx, "datasets", name, version)
+
+
+@command(model_app, "rm")
+def model_rm(ctx: typer.Context, name: NameArgument, version: VersionArgument) -> None:
+    """Delete one version of a model (admin token). Refused while a running or paused study uses it; a
+    finished study keeps its results but cannot be re-run from its spec."""
+    _delete(ctx, "models", name, version)
+
+
+def _delete(ctx: typer.Context, kind: str, name: str, version: str) -> None:
+    asset = client_for(ctx).delete_asset(kind, name, version)
+    err_console.print(f"[green]deleted[/] {escape(name)} version [bold]{asset['version']}[/]")
 
 
 def _row(asset: dict[str, Any]) -> dict[str, Any]:
