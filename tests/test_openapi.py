@@ -90,6 +90,7 @@ CONFLICTS = {  # the routes that can answer 409
     ("POST", "/api/v1/trials/{trial_id}/fail"), ("POST", "/api/v1/trials/{trial_id}/pause"),
     ("PUT", "/api/v1/trials/{trial_id}/artifacts/{name}"),
     ("POST", "/api/v1/projects"), ("POST", "/api/v1/studies/{study_id}/trials"),
+    ("DELETE", "/api/v1/datasets/{name}/{version}"), ("DELETE", "/api/v1/models/{name}/{version}"),  # in use
 }
 
 
