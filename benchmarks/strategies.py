@@ -739,13 +739,14 @@ def spend_rows(runs: Sequence[Run], table: ReplayTable, target: float) -> list[d
         early: list[bool] = []
         later: list[bool] = []
         for run in group:
-            new = [st.record in winners for st in _stretches(run, nearest) if st.start == 0]
+            stretches = _stretches(run, nearest)
+            new = [st.record in winners for st in stretches if st.start == 0]
             early += new[:EARLY_PROPOSALS]
             later += new[EARLY_PROPOSALS:EARLY_PROPOSALS + LATER_PROPOSALS]
             parts = dict.fromkeys(shares, 0.0)
             first_start = first_end = math.inf
             n_before = None
-            for i, st in enumerate(_stretches(run, nearest)):
+            for i, st in enumerate(stretches):
                 full = st.start + st.steps >= records[st.record].total_steps
                 kind = ("scratch" if full else "first") if st.start == 0 else ("resumed" if full else "middle")
                 parts[kind] += st.steps
@@ -753,7 +754,7 @@ def spend_rows(runs: Sequence[Run], table: ReplayTable, target: float) -> list[d
                 if st.record in winners:
                     if st.start == 0 and not math.isfinite(first_start):
                         first_start = st.steps_end - st.steps
-                        n_before = sum(1 for s in _stretches(run, nearest)[:i] if s.start == 0)
+                        n_before = sum(1 for s in stretches[:i] if s.start == 0)
                     if full:
                         first_end = min(first_end, st.steps_end)
             for kind in shares:
@@ -927,9 +928,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget = runs[0].budget_steps / table.mean_total_steps()
         seeds = sorted({r.seed for r in runs})
     else:
+        warm_from = ReplayTable.load(args.warm_from) if args.warm_from else None
         for name in strategies:  # one at a time, saved as they finish: a long run can be cut short
-            runs += run_benchmark(table, [name], seeds, budget, database_url=args.database_url,
-                                  warm_from=ReplayTable.load(args.warm_from) if args.warm_from else None)
+            runs += run_benchmark(table, [name], seeds, budget, database_url=args.database_url, warm_from=warm_from)
             if args.save:
                 save_runs(runs, args.save)
     rows = summarise(runs, table)

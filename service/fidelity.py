@@ -14,12 +14,14 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from scipy import stats
+
+from tunefleet.service.spec import Direction
 
 __all__ = [
     "FINAL_STEP",
@@ -39,7 +41,6 @@ __all__ = [
     "tuned_vs_baseline",
 ]
 
-Direction = Literal["maximize", "minimize"]
 
 FINAL_STEP = 100  # the whole training budget, in percent
 # test_metrics[PER_EXAMPLE_KEY][metric]: per-example test scores, in test-set order (optional).

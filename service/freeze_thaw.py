@@ -282,16 +282,8 @@ def predicted_finals(trials: Sequence[FrozenTrial], rungs: Sequence[int], maximi
     """Each trial's final as the learning-curve model sees it, by storage id, in the study's own direction:
     its final where it completed, else the predicted mean from its latest reported value. Failed trials and
     trials without a report are left out."""
-    policy = FreezeThaw(rungs, 2, maximize)
-    view = _View(policy, list(trials))
-    out = {}
-    for tid, values in view.values.items():
-        if tid in view.finals:
-            out[tid] = view.finals[tid]
-        elif values:
-            rung = max(values)
-            out[tid] = view.curves.predict(values[rung], rung)[0]
-    return {tid: policy.sign * v for tid, v in out.items()}
+    policy = FreezeThaw(rungs, 2, maximize)  # the reduction factor only sets the warm-up, unused here
+    return {tid: policy.sign * mean for tid, (mean, _) in _View(policy, list(trials)).predictions().items()}
 
 
 class _View:
@@ -335,16 +327,22 @@ class _View:
         cost = self.costs.cost(self.trials[trial_id]) * self._stretch(rung, p_better)
         return Option(trial_id, ei, cost, mean)
 
+    def predictions(self) -> dict[int, tuple[float, float]]:
+        """(mean, std) of each trial's final, larger is better: its final (std 0) where it completed, else as
+        predicted from its latest rung; trials without a report are left out."""
+        out = {}
+        for tid, values in self.values.items():
+            if tid in self.finals:
+                out[tid] = (self.finals[tid], 0.0)
+            elif values:
+                rung = max(values)
+                out[tid] = self.curves.predict(values[rung], rung)
+        return out
+
     def new_option(self) -> Option:
         """A new configuration: its final drawn from a kernel density over the study's trials so far (completed
         ones at their final, the others as predicted from their latest rung), at the study's mean cost."""
-        members = []
-        for tid, values in self.values.items():
-            if tid in self.finals:
-                members.append((tid, self.finals[tid], 0.0))
-            elif values:
-                rung = max(values)
-                members.append((tid, *self.curves.predict(values[rung], rung)))
+        members = [(tid, mean, std) for tid, (mean, std) in self.predictions().items()]
         if not members:
             return Option(None, 0.0, 1.0, -math.inf)
         means = np.array([m for _, m, _ in members])

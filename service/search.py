@@ -56,19 +56,21 @@ def _tpe(spec: StudySpec) -> optuna.samplers.BaseSampler:
     )
 
 
-def _mf_tpe(spec: StudySpec) -> optuna.samplers.BaseSampler:
+def _mf_min_points(spec: StudySpec) -> int:
     # BOHB's minimum for a model: d + 1 observations at a rung, d the number of searched parameters.
+    return max(spec.search.n_startup_trials, len(spec.search_space) + 1)
+
+
+def _mf_tpe(spec: StudySpec) -> optuna.samplers.BaseSampler:
     s = spec.search
-    return MultiFidelityTPESampler(spec.rungs(), min_points=max(s.n_startup_trials, len(spec.search_space) + 1),
-                                   seed=s.seed, multivariate=s.multivariate, constant_liar=s.constant_liar,
-                                   **s.sampler_options)
+    return MultiFidelityTPESampler(spec.rungs(), min_points=_mf_min_points(spec), seed=s.seed,
+                                   multivariate=s.multivariate, constant_liar=s.constant_liar, **s.sampler_options)
 
 
 def _mf_gp(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    # The same view as mf-tpe (and the same minimum of d + 1 observations), modelled by a GP.
-    s = spec.search
-    return MultiFidelityGPSampler(spec.rungs(), min_points=max(s.n_startup_trials, len(spec.search_space) + 1),
-                                  seed=s.seed, **s.sampler_options)
+    # The same view as mf-tpe, modelled by a GP.
+    return MultiFidelityGPSampler(spec.rungs(), min_points=_mf_min_points(spec), seed=spec.search.seed,
+                                  **spec.search.sampler_options)
 
 
 def _gp(spec: StudySpec) -> optuna.samplers.BaseSampler:
@@ -129,8 +131,7 @@ SAMPLERS: dict[SamplerName, Callable[[StudySpec], optuna.samplers.BaseSampler]] 
 GP_SAMPLERS: frozenset[SamplerName] = frozenset({"gp", "mf-gp"})
 # Python modules a sampler needs beyond Optuna itself, and the install that brings them.
 _SAMPLER_NEEDS: dict[SamplerName, tuple[str, str]] = {
-    "gp": ("torch", "pip install 'tunefleet[worker]' on the server"),
-    "mf-gp": ("torch", "pip install 'tunefleet[worker]' on the server"),
+    **{name: ("torch", "pip install 'tunefleet[worker]' on the server") for name in GP_SAMPLERS},
     "cmaes": ("cmaes", "pip install cmaes"),
 }
 

@@ -89,6 +89,19 @@ def test_unreachable_database_is_reported() -> None:
         engine.dispose()
 
 
+def _insert_study(conn: sa.Connection) -> None:
+    """Study 1, as raw SQL: the tests below write rows at an older schema than the models describe."""
+    conn.execute(sa.text("INSERT INTO tf_studies (id, name, spec, state, created_at, updated_at) VALUES "
+                         "(1, 's', '{}', 'running', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+
+
+def _insert_lease(conn: sa.Connection, trial_id: int, worker: str, request_id: str) -> None:
+    """An active lease of study 1, in the columns every schema since 0001 has."""
+    conn.execute(sa.text("INSERT INTO tf_leases (trial_id, study_id, worker_id, request_id, attempt, state, "
+                         "requeued, started_at, deadline) VALUES (:t, 1, :w, :r, 0, 'active', false, "
+                         "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"), {"t": trial_id, "w": worker, "r": request_id})
+
+
 def test_lease_tokens_migrate_an_existing_database_up_and_down(empty_url: str) -> None:
     """0002 keeps the leases (and their reports) of a database made by 0001, scopes request ids per worker,
     and reverts. On SQLite a table change copies the table: no row may be lost to ON DELETE CASCADE."""
@@ -97,18 +110,12 @@ def test_lease_tokens_migrate_an_existing_database_up_and_down(empty_url: str) -
     def columns() -> set[str]:
         return {c["name"] for c in sa.inspect(engine).get_columns("tf_leases")}
 
-    def insert_lease(conn: sa.Connection, trial_id: int, worker: str, request_id: str) -> None:
-        conn.execute(sa.text("INSERT INTO tf_leases (trial_id, study_id, worker_id, request_id, attempt, state, "
-                             "requeued, started_at, deadline) VALUES (:t, 1, :w, :r, 0, 'active', false, "
-                             "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"), {"t": trial_id, "w": worker, "r": request_id})
-
     engine = make_engine(empty_url)
     try:
         migrate(engine, "0001")
         with engine.begin() as conn:
-            conn.execute(sa.text("INSERT INTO tf_studies (id, name, spec, state, created_at, updated_at) VALUES "
-                                 "(1, 's', '{}', 'running', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
-            insert_lease(conn, 1, "w1", "r1")
+            _insert_study(conn)
+            _insert_lease(conn, 1, "w1", "r1")
             conn.execute(sa.text("INSERT INTO tf_reports (trial_id, step, value, metrics, prune, created_at) "
                                  "VALUES (1, 20, 0.5, '{}', false, CURRENT_TIMESTAMP)"))
         migrate(engine, "head")
@@ -116,9 +123,9 @@ def test_lease_tokens_migrate_an_existing_database_up_and_down(empty_url: str) -
         with engine.begin() as conn:
             assert conn.execute(sa.text("SELECT worker_id, request_id FROM tf_leases")).all() == [("w1", "r1")]
             assert conn.execute(sa.text("SELECT trial_id, step FROM tf_reports")).all() == [(1, 20)]
-            insert_lease(conn, 2, "w2", "r1")  # another worker may use the same key
+            _insert_lease(conn, 2, "w2", "r1")  # another worker may use the same key
         with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
-            insert_lease(conn, 3, "w1", "r1")  # the same worker may not
+            _insert_lease(conn, 3, "w1", "r1")  # the same worker may not
         with engine.begin() as conn:
             conn.execute(sa.text("DELETE FROM tf_leases WHERE trial_id = 2"))
         migrate(engine, "0001", down=True)
@@ -126,7 +133,7 @@ def test_lease_tokens_migrate_an_existing_database_up_and_down(empty_url: str) -
         with engine.begin() as conn:
             assert conn.execute(sa.text("SELECT trial_id, step FROM tf_reports")).all() == [(1, 20)]
         with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
-            insert_lease(conn, 4, "w2", "r1")  # 0001's global uniqueness is back
+            _insert_lease(conn, 4, "w2", "r1")  # 0001's global uniqueness is back
     finally:
         engine.dispose()
 
@@ -138,9 +145,7 @@ def test_artifact_sizes_over_2_gib_are_kept_after_0006_and_the_migration_reverts
     big = 3 * 2**30
 
     def add_artifact(conn: sa.Connection, trial_id: int, size: int) -> None:
-        conn.execute(sa.text("INSERT INTO tf_leases (trial_id, study_id, worker_id, request_id, attempt, state, "
-                             "requeued, started_at, deadline) VALUES (:t, 1, 'w', :r, 0, 'active', false, "
-                             "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"), {"t": trial_id, "r": f"r{trial_id}"})
+        _insert_lease(conn, trial_id, "w", f"r{trial_id}")
         conn.execute(sa.text("INSERT INTO tf_artifacts (trial_id, study_id, name, path, size, sha256, created_at) "
                              "VALUES (:t, 1, 'model.safetensors', 'p', :s, :h, CURRENT_TIMESTAMP)"),
                      {"t": trial_id, "s": size, "h": "0" * 64})
@@ -149,8 +154,7 @@ def test_artifact_sizes_over_2_gib_are_kept_after_0006_and_the_migration_reverts
     try:
         migrate(engine, "0005")
         with engine.begin() as conn:
-            conn.execute(sa.text("INSERT INTO tf_studies (id, name, spec, state, created_at, updated_at) VALUES "
-                                 "(1, 's', '{}', 'running', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            _insert_study(conn)
             add_artifact(conn, 1, 1234)
         if engine.dialect.name == "postgresql":
             with pytest.raises(sa.exc.DataError), engine.begin() as conn:

@@ -145,15 +145,20 @@ def test_under_hyperband_the_model_sees_every_brackets_trials() -> None:
     assert sum(t.state == TrialState.COMPLETE for t in sampler._view.study.trials) == 12
 
 
-def test_the_spec_builds_it_with_bohbs_minimum_of_d_plus_one_points() -> None:
-    spec = StudySpec.model_validate({
+def _spec(search: dict[str, Any], **more_params: dict[str, Any]) -> StudySpec:
+    """A study spec searching learning_rate and lora_r (plus `more_params`) with this search section."""
+    return StudySpec.model_validate({
         "name": "mf", "model": "m", "task": "sequence-classification", "data": {"train": "t.jsonl"},
         "objective": {"metric": "accuracy", "direction": "maximize"},
         "search_space": {"learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
-                         "weight_decay": {"type": "float", "low": 0.0, "high": 0.1},
-                         "lora_r": {"type": "categorical", "choices": [4, 8]}},
-        "search": {"sampler": "mf-tpe", "pruner": "asha", "n_startup_trials": 2, "seed": 3},
+                         "lora_r": {"type": "categorical", "choices": [4, 8]}, **more_params},
+        "search": search,
     })
+
+
+def test_the_spec_builds_it_with_bohbs_minimum_of_d_plus_one_points() -> None:
+    spec = _spec({"sampler": "mf-tpe", "pruner": "asha", "n_startup_trials": 2, "seed": 3},
+                 weight_decay={"type": "float", "low": 0.0, "high": 0.1})
     sampler = build_sampler(spec)
     assert isinstance(sampler, MultiFidelityTPESampler)
     assert sampler.min_points == 4 and sampler.rungs == [20, 60, 100]
@@ -163,13 +168,7 @@ def test_the_spec_builds_it_with_bohbs_minimum_of_d_plus_one_points() -> None:
 
 
 def test_the_spec_builds_mf_gp_and_names_a_bad_view_in_a_4xx_problem() -> None:
-    spec = StudySpec.model_validate({
-        "name": "mf", "model": "m", "task": "sequence-classification", "data": {"train": "t.jsonl"},
-        "objective": {"metric": "accuracy", "direction": "maximize"},
-        "search_space": {"learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
-                         "lora_r": {"type": "categorical", "choices": [4, 8]}},
-        "search": {"sampler": "mf-gp", "pruner": "freeze-thaw", "seed": 3, "sampler_options": {"view": "predicted"}},
-    })
+    spec = _spec({"sampler": "mf-gp", "pruner": "freeze-thaw", "seed": 3, "sampler_options": {"view": "predicted"}})
     sampler = build_sampler(spec)
     assert isinstance(sampler, MultiFidelityGPSampler)
     assert sampler.min_points == 5 and sampler.view == "predicted", "n_startup_trials (5) over d + 1 (3)"
